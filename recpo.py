@@ -1,0 +1,250 @@
+"""RecPO: the reinforcement-learning objective of R²ec, as pure functions (SPEC §4).
+
+What the paper does
+    For each training user the policy writes G reasoning chains [G = 4]. Each chain ends at the
+    anchor `<answer>`, whose final hidden state h_T scores every item by s(v) = cos(h_T, h_v) / τ
+    [τ = 0.02]. A chain is rewarded by how well its h_T ranks the user's true next item v⁺:
+        R = (1 - β)·R_d + β·R_c,   R_d = 1[r < k] / log2(r + 2) [k = 1000],   R_c = softmax(s)[v⁺]
+    with β = 0.05 and r the rank of v⁺ over the catalog. Advantages are the rewards z-scored inside
+    each group of G. Two losses, both PPO clipped surrogates with ε_low = 0.2, ε_high = 0.28:
+        token loss  on every reasoning token, ratio π_θ(o_t) / π_old(o_t), the chain's advantage;
+        item loss   on the item "action" after the reasoning, for the top-k chains by advantage of
+                    each group [k = 1; the authors' launch script uses 2], with
+                    π(v⁺ | x, o) = softmax of s over the batch's target items.
+    Total loss = token loss + item loss. No KL term.
+
+What this file does
+    compute_rewards -> compute_advantages -> token_loss + item_loss; item_logprobs gives log π of the
+    item action (train.py calls it without grad at rollout time: the "old" policy of PPO). Nothing
+    here knows about the model or the data; train.py does rollouts and forwards.
+
+Departures from the paper / the authors' reference code, and why
+ 1. The reference code's broadcast defect. It multiplies a per-row quantity of shape (N, 1) (token
+    ratios (N, L), item ratios (N, 1)) by advantages of shape (N, 1, 1); broadcasting builds an N×N
+    outer product whose mean is mean(A) · mean(ratio) instead of mean(A_i · ratio_i). Inside a group
+    z-scored advantages sum to zero, so the reasoning tokens get ~no gradient, and the item loss turns
+    into a plain in-batch contrastive loss (all rows, not just the top-k) scaled by the mean of the
+    selected advantages. We implement the element-wise objective of the paper.
+    `reference_broadcast=True` reproduces the defect faithfully, for ablation only.
+ 2. Old log-probs. The reference uses ratio = exp(logp - logp.detach()) (one update per rollout).
+    We take π_old from the rollout, so several updates per rollout (--num-iterations) are real PPO;
+    with one update the ratio is 1 in value and the gradient is the same.
+ 3. Leave-one-out advantage. The reference computes R_i·(1 + 1/G) - mean(R), which is not a
+    leave-one-out baseline (its group sum is mean(R), not 0). We use R_i - mean_{j≠i} R_j.
+ 4. Z-score std: the unbiased (G - 1) estimator, as the reference code and TRL's GRPO do; so G ≥ 2.
+ 5. Rewards over the full catalog with the user's history and padding masked and a *pessimistic*
+    rank (ties count against the model), as in evaluation (SPEC §5); a target inside its own history
+    gets R_d = R_c = 0 (the reference masks history too, so its target also scores ~nothing).
+ 6. In-batch item candidates are the *distinct* target ids of the batch, each once. The reference
+    has one column per user and counts a second user with the same target as a negative; here a
+    duplicate of the positive is never a negative, and no negative is counted twice.
+ 7. The item loss is summed over the selected rows and divided by the number of rows B (non-top-k
+    rows weigh 0), as in the reference, so the token/item balance matches the authors' runs.
+ 8. Token aggregation: "token-mean" (default; the reference's sum / #tokens), "sequence-mean" (the
+    GRPO paper) or "dr-grpo" (sum / (B · max_len), a constant: Liu et al. 2025, "Dr. GRPO").
+ 9. Optional KL to a frozen reference with the k3 estimator (off by default, as in the paper).
+10. Beyond the paper: item_loss(mode="full") takes the softmax over the whole cached item table
+    instead of the batch's targets (affordable with the fused catalog kernel); see item_logprobs.
+"""
+import torch
+import torch.nn.functional as F
+
+from kernels.catalog import catalog_loss, catalog_stats
+
+REWARD_KINDS = ("ndcg", "softmax", "mix")
+ADVANTAGE_KINDS = ("gaussian", "loo")
+LOSS_TYPES = ("token-mean", "sequence-mean", "dr-grpo")
+ITEM_LOSS_MODES = ("inbatch", "full")
+
+
+def _check(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {'|'.join(allowed)}, got {value!r}")
+
+
+# -----------------------------------------------------------------------------
+# reward and advantage (no gradient)
+
+@torch.no_grad()
+def compute_rewards(H, E, targets, exclude, tau, k=1000, beta=0.05, kind="mix", impl="auto"):
+    """Reward of each trajectory from its user state over the full catalog.
+
+    H [M,d] user states h_T (L2-normalised), E [N,d] item table (L2-normalised; row 0 = padding),
+    targets [M], exclude [M,X] history ids, 0-padded (or None). Returns fp32 tensors
+    reward/r_d/r_c [M] and the 0-based pessimistic rank [M] (N when the target is excluded).
+    """
+    _check("kind", kind, REWARD_KINDS)
+    st = catalog_stats(H, E, targets, exclude, tau=tau, impl=impl)
+    N = E.shape[0]
+    rank = st.rank                                                   # [M] int64
+    hit = rank < N                                                   # False: target in history
+    zero = torch.zeros_like(st.lse)
+    r_d = torch.where(hit & (rank < k), 1.0 / torch.log2(rank.float() + 2.0), zero)   # [M]
+    r_c = torch.where(hit, torch.exp(st.target_logit - st.lse), zero)                 # [M]
+    reward = {"ndcg": r_d, "softmax": r_c, "mix": (1.0 - beta) * r_d + beta * r_c}[kind]
+    return {"reward": reward, "r_d": r_d, "r_c": r_c, "rank": rank}
+
+
+@torch.no_grad()
+def compute_advantages(rewards, G, kind="gaussian", eps=1e-8):
+    """Group-relative advantages. rewards [B*G], G consecutive rows per user.
+
+    Returns adv [B*G] fp32 and the fraction of groups whose G rewards are all equal (those groups
+    teach nothing: every advantage is 0).
+    """
+    _check("kind", kind, ADVANTAGE_KINDS)
+    if G < 2 or rewards.numel() % G:
+        raise ValueError(f"need G >= 2 dividing the number of rewards, got G={G} for "
+                         f"{rewards.numel()} rewards")
+    R = rewards.float().view(-1, G)                                  # [B, G]
+    mean = R.mean(1, keepdim=True)                                   # [B, 1]
+    if kind == "gaussian":
+        adv = (R - mean) / (R.std(1, keepdim=True) + eps)            # unbiased std, as TRL/reference
+    else:
+        adv = R - (R.sum(1, keepdim=True) - R) / (G - 1)             # R_i - mean of the others
+    frac_zero_std = (R.amax(1) == R.amin(1)).float().mean().item()
+    return adv.reshape(-1), frac_zero_std
+
+
+# -----------------------------------------------------------------------------
+# the clipped surrogate shared by both losses
+
+def _surrogate(ratio, adv, eps_low, eps_high, reference_broadcast):
+    """-min(r·A, clip(r)·A). ratio [B,L], adv [B] -> [B,L]; or [B,B,L] in the reference's broadcast."""
+    A = adv[:, None, None] if reference_broadcast else adv[:, None]   # [B,1,1] makes an outer product
+    return -torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
+
+
+def _clip_fractions(ratio, adv, mask, eps_low, eps_high):
+    """Fraction of tokens where min() picks the clipped branch (zero gradient), per side."""
+    A = adv[:, None].expand_as(ratio)                                # [B, L]
+    low = (ratio < 1 - eps_low) & (A < 0) & mask                     # pushed down too far already
+    high = (ratio > 1 + eps_high) & (A > 0) & mask                   # pushed up too far already
+    n = mask.sum().clamp(min=1)
+    return (low.sum() / n).item(), (high.sum() / n).item()
+
+
+def _aggregate(per_tok, mask, loss_type, max_len):
+    """Reduce the last two dims [B,L] of per_tok ([B,L] or [B',B,L]) with the float mask [B,L]."""
+    summed = (per_tok * mask).sum((-2, -1))
+    if loss_type == "token-mean":                                    # every token weighs the same
+        return summed / mask.sum().clamp(min=1)
+    if loss_type == "sequence-mean":                                 # every sequence weighs the same
+        return ((per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean(-1)
+    return summed / (mask.shape[0] * (max_len or mask.shape[1]))     # dr-grpo: a constant divisor
+
+
+# -----------------------------------------------------------------------------
+# token loss: the reasoning
+
+def token_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28, loss_type="token-mean",
+               max_len=None, ref_logp=None, kl_beta=0.0, reference_broadcast=False, entropy=None):
+    """PPO clipped surrogate over the reasoning tokens.
+
+    logp [B,L] (with grad), old_logp [B,L] from the rollout (None: ratio 1), adv [B],
+    mask [B,L] (True on completion tokens), max_len: dr-grpo's constant (default L),
+    ref_logp [B,L] frozen-reference log-probs for the k3 KL, entropy [B,L] (stats only).
+    Returns (scalar loss, stats dict of floats).
+    """
+    _check("loss_type", loss_type, LOSS_TYPES)
+    m = mask.bool()
+    mf = m.float()
+    logp = logp.float()
+    old = logp.detach() if old_logp is None else old_logp.detach().float()
+    adv = adv.detach().float()
+    ratio = torch.exp((logp - old).masked_fill(~m, 0.0))             # [B, L]; padding -> 1, never inf
+    per_tok = _surrogate(ratio, adv, eps_low, eps_high, reference_broadcast)   # [B,L] | [B,B,L]
+    kl = None
+    if ref_logp is not None:
+        d = (ref_logp.detach().float() - logp).masked_fill(~m, 0.0)  # [B, L] log π_ref/π_θ
+        kl = torch.exp(d) - d - 1                                    # k3 >= 0, E = KL(π_θ||π_ref)
+        if kl_beta:
+            per_tok = per_tok + kl_beta * kl
+    # the trailing mean only matters for the reference's [B,B,L]: it averages the outer product
+    loss = _aggregate(per_tok, mf, loss_type, max_len).mean()
+    n = mf.sum().clamp(min=1)
+    clip_low, clip_high = _clip_fractions(ratio.detach(), adv, m, eps_low, eps_high)
+    stats = {"token_loss": loss.item(), "clip_low": clip_low, "clip_high": clip_high,
+             "ratio_mean": ((ratio.detach() * mf).sum() / n).item(),
+             "num_tokens": int(mf.sum().item())}
+    if kl is not None:
+        stats["kl"] = ((kl.detach() * mf).sum() / n).item()
+    if entropy is not None:
+        stats["entropy"] = ((entropy.detach().float() * mf).sum() / n).item()
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# item loss: the recommendation
+
+def _first_rows(targets):
+    """Distinct ids of targets [B] and the first row holding each: (uniq [U], first [U], inv [B])."""
+    uniq, inv = torch.unique(targets, return_inverse=True)           # inv[b]: column of row b's id
+    rows = torch.arange(targets.shape[0], device=targets.device)
+    first = torch.full_like(uniq, targets.shape[0]).scatter_reduce(0, inv, rows, "amin")
+    return uniq, first, inv
+
+
+def item_logprobs(h_T, item_emb, targets, tau, mode="inbatch", E=None, exclude=None, rows=None,
+                  impl="auto"):
+    """log π(v⁺ | x, o) [n] of the item action, for `rows` [n] of the batch (default all B).
+
+    h_T [B,d] user states, item_emb [B,d] fresh embeddings of each row's target (rows with the same
+    target hold the same item; its first row stands for it), both L2-normalised here (cosine).
+    inbatch: softmax over the batch's distinct targets, so duplicates of v⁺ are neither negatives
+             nor counted twice.
+    full:    softmax over the cached table E [N,d] (L2-normalised), history `exclude` [B,X] masked,
+             where the batch's target rows are replaced by their fresh embeddings. Then one call of
+             the fused catalog loss gives -log π with gradients to h_T (through H) and to the fresh
+             embeddings (through the table's gradient, via index_copy); cached rows stay constant.
+             Other rows' fresh targets are negatives with gradient, exactly as in-batch.
+    """
+    _check("mode", mode, ITEM_LOSS_MODES)
+    B = h_T.shape[0]
+    rows = torch.arange(B, device=h_T.device) if rows is None else rows
+    h = F.normalize(h_T[rows].float(), dim=-1)                       # [n, d]
+    e = F.normalize(item_emb.float(), dim=-1)                        # [B, d]
+    uniq, first, inv = _first_rows(targets)
+    if mode == "inbatch":
+        s = h @ e[first].T / tau                                     # [n, U] one column per item
+        return torch.log_softmax(s, dim=1).gather(1, inv[rows][:, None]).squeeze(1)   # [n]
+    if E is None:
+        raise ValueError("item_logprobs(mode='full') needs the item table E")
+    table = E.detach().index_copy(0, uniq, e[first].to(E.dtype))     # [N, d] batch targets fresh
+    excl = None if exclude is None else exclude[rows]
+    return -catalog_loss(h.to(E.dtype), table, targets[rows], excl, tau=tau, reduction="none",
+                         impl=impl).float()
+
+
+def item_loss(h_T, item_emb, targets, adv, old_logp_item, G, topk=1, tau=0.02, eps_low=0.2,
+              eps_high=0.28, mode="inbatch", E=None, exclude=None, reference_broadcast=False,
+              impl="auto"):
+    """Clipped surrogate on the item action of the top-`topk` trajectories (by advantage) per group.
+
+    Shapes as in item_logprobs; adv [B], old_logp_item [B] from item_logprobs at rollout time (None:
+    ratio 1). Loss = sum over selected rows of -min(r·A, clip(r)·A), divided by B.
+    Returns (scalar loss, stats dict of floats).
+    """
+    B = h_T.shape[0]
+    A = adv.detach().float().view(-1, G)                             # [B/G, G]
+    k = min(topk, G)
+    offs = torch.arange(0, B, G, device=A.device)[:, None]           # [B/G, 1] first row of a group
+    rows = (A.topk(k, dim=1).indices + offs).flatten().sort().values # [n = B/G * k]
+    if reference_broadcast:
+        # the reference: every row in the softmax, advantages of non-top-k rows zeroed, then the
+        # (B,1) x (B,1,1) outer product and a mean over B×B
+        rows_used = torch.arange(B, device=A.device)
+        a = torch.zeros(B, device=A.device).index_copy(0, rows, A.flatten()[rows])   # [B]
+    else:
+        rows_used, a = rows, A.flatten()[rows]                       # [n], [n]
+    logp = item_logprobs(h_T, item_emb, targets, tau, mode, E, exclude, rows_used, impl)  # [n]
+    old = logp.detach() if old_logp_item is None else old_logp_item.detach().float()[rows_used]
+    ratio = torch.exp(logp - old)[:, None]                           # [n, 1]
+    per_row = _surrogate(ratio, a, eps_low, eps_high, reference_broadcast)   # [n,1] | [B,B,1]
+    loss = per_row.mean() if reference_broadcast else per_row.sum() / B
+    ones = torch.ones_like(ratio, dtype=torch.bool)
+    clip_low, clip_high = _clip_fractions(ratio.detach(), a, ones, eps_low, eps_high)
+    stats = {"item_loss": loss.item(), "item_logp": logp.detach().mean().item(),
+             "item_ratio_mean": ratio.detach().mean().item(),
+             "item_clip_low": clip_low, "item_clip_high": clip_high}
+    return loss, stats
