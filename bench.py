@@ -1,0 +1,668 @@
+"""Benchmarks for the two kernels (catalog softmax, token log-probs): time and memory against naive
+PyTorch and the peer libraries, with the napkin math (FLOPs, bytes, % of the measured peak).
+
+    python bench.py                   # CPU: reference (materialised) vs chunked torch path   (~3 min)
+    python bench.py --gpu             # CUDA: test suite, measured peaks, naive / ours / peers (~6 min H100)
+    python bench.py --gpu --dry       # the --gpu orchestration at tiny sizes on CPU (impl="torch")
+    python bench.py --gpu --out $OUT  # also copy the results table, JSON rows and full log into $OUT
+
+Protocol. Inputs are random (never zeros), logits ~ N(0, 2^2). "fwd" = the loss (or stats) forward under
+no_grad; "fwd+bwd" = loss forward + gradients w.r.t. both inputs (torch.autograd.grad). GPU times are
+medians of timed repeats after warm-up, CUDA events; CPU times are medians of --repeats perf_counter
+calls after the libraries were warmed up at a tiny size. FLOPs count the GEMMs
+only, the same count for every row so TFLOP/s compare: fwd 2MNd, fwd+bwd 8MNd (fwd + recompute + dH +
+dE; a kernel that computes gradients inside its forward, like Liger, does 6MNd). Floor = max(FLOPs /
+measured bf16 matmul peak, bytes / measured copy bandwidth), bytes = inputs read once + grads written.
+CPU peak memory = input bytes + growth of the process's resident-set high-water mark (VmHWM, reset via
+/proc/self/clear_refs after the inputs exist), each case in its own process; "needed" = exact bytes of
+inputs + outputs + gradients. GPU peak memory = torch.cuda.max_memory_allocated above the inputs.
+Relative error = ||out - ref|| / ||ref|| against an fp32 reference on the same (bf16) inputs upcast,
+computed in row chunks; dE is compared on a random subset of rows (plus all target rows).
+
+Peers (Liger-Kernel fused linear cross-entropy, Apple Cut Cross-Entropy) compute CE over all columns =
+our log-prob op, and our catalog loss without exclusions. The catalog rows of naive/ours mask 20
+history ids per row (+ padding column 0); the peers' rows mask nothing. Bring the peers offline:
+    pip download --no-deps liger-kernel==0.8.5 cut-cross-entropy==25.1.1 -d .whl      # online machine
+    pip install --no-index --no-deps --target /tmp/site .whl/*.whl                    # GPU machine
+    PYTHONPATH=/tmp/site python bench.py --gpu
+Not yet here: --e2e (one RecPO step split into rollout / reward / item encoding / fwd+bwd) waits for
+model.py and train.py; it will be its own function next to cpu_main / gpu_main.
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+from kernels.catalog import catalog_loss, catalog_stats  # noqa: E402
+from kernels.logprobs import token_logprobs  # noqa: E402
+
+GB = 1024 ** 3
+# GPU sizes: (op, label, dims). Catalog: M users x N items; logprob: T tokens x V vocab (Qwen2.5 vocab).
+# Large sizes first: they carry the issue's checks, and --budget-s skips what is left, not them.
+GPU_SIZES = [("catalog", "large", dict(M=4096, N=1_000_000, d=2048, X=20)),
+             ("logprob", "large", dict(M=16_384, N=151_936, d=2048)),
+             ("catalog", "small", dict(M=1024, N=200_000, d=2048, X=20)),
+             ("logprob", "small", dict(M=4096, N=50_000, d=2048))]
+DRY_SIZES = [("catalog", "small", dict(M=8, N=1001, d=24, X=5)), ("logprob", "small", dict(M=16, N=300, d=24)),
+             ("catalog", "large", dict(M=12, N=2001, d=40, X=5)), ("logprob", "large", dict(M=33, N=517, d=40))]
+
+
+class BenchError(Exception):
+    """User-facing error: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def make_inputs(op, M, N, d, X=0, device="cpu", dtype=torch.float32, seed=0):
+    """Random inputs with logits ~ N(0, 2^2). catalog: H [M,d], E [N,d], targets [M] in 1..N-1,
+    exclude [M,X] random ids (0 = padding allowed). logprob: hidden [M,d], W [N,d], tokens [M]."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    A = torch.randn(M, d, generator=g, device=device, dtype=dtype)
+    B = torch.randn(N, d, generator=g, device=device, dtype=dtype).mul_(2.0 / d ** 0.5)
+    lo = 1 if op == "catalog" else 0
+    t = torch.randint(lo, N, (M,), generator=g, device=device)
+    ex = torch.randint(0, N, (M, X), generator=g, device=device) if op == "catalog" and X else None
+    return A, B, t, ex
+
+
+def nbytes(*ts):
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def relerr(out, ref):
+    out, ref = out.float(), ref.float()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def slug(s):
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
+
+
+def atomic_write(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def versions():
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "liger_kernel", "cut_cross_entropy"):
+        try:
+            m = __import__(mod)
+            v[mod] = getattr(m, "__version__", "?")
+        except Exception:
+            pass
+    return v
+
+
+def fmt(x, spec=".1f"):
+    return x if isinstance(x, str) else "-" if x is None else format(x, spec)
+
+
+# ----------------------------------------------------------------------------- CPU: one case per process
+def _status_kb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def reset_peak_rss():
+    """Reset the RSS high-water mark; returns the baseline RSS in bytes (or None: use getrusage)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmRSS") * 1024
+    except OSError:
+        return None
+
+
+def peak_rss_growth(base):
+    if base is not None:
+        return _status_kb("VmHWM") * 1024 - base
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # fallback: absolute, not a growth
+
+
+def cpu_fn(op, impl, mode, A, B, t, ex):
+    """The measured call; returns its outputs (kept alive only for the fingerprint)."""
+    if op == "catalog" and mode == "fwd":
+        with torch.no_grad():
+            s = catalog_stats(A, B, t, exclude=ex, impl=impl)
+        return s.lse, s.target_logit, s.rank
+    if op == "logprob" and mode == "fwd":
+        with torch.no_grad():
+            return (token_logprobs(A, B, t, impl=impl),)
+    if op == "catalog":
+        loss = catalog_loss(A, B, t, exclude=ex, impl=impl)
+    else:
+        loss = -token_logprobs(A, B, t, impl=impl).mean()
+    return (loss.detach(),) + tuple(torch.autograd.grad(loss, [A, B]))
+
+
+def cpu_case(op, impl, mode, dims, repeats=1):
+    """Run one case in this process: inputs, then `repeats` timed calls, each with its own memory
+    baseline. No full-size warm-up: the libraries are initialised at a tiny size first, and on a CPU
+    the first call is not special (large buffers are mmapped afresh on every call anyway)."""
+    M, N, d, X = dims["M"], dims["N"], dims["d"], dims.get("X", 0)
+    # initialise the libraries (thread pools, allocator arenas) before the baseline, at a tiny size
+    a, b, tt, e = make_inputs(op, 4, 64, 8, min(X, 3), seed=1)
+    cpu_fn(op, impl, mode, a.requires_grad_(mode == "fwdbwd"), b.requires_grad_(mode == "fwdbwd"), tt, e)
+    A, B, t, ex = make_inputs(op, M, N, d, X)
+    A.requires_grad_(mode == "fwdbwd"), B.requires_grad_(mode == "fwdbwd")
+    times, fp, growth, method = [], None, 0, "VmHWM"
+    for i in range(repeats):
+        gc.collect()
+        base = reset_peak_rss()  # per call: the fingerprint below must not count as the op's memory
+        t0 = time.perf_counter()
+        out = cpu_fn(op, impl, mode, A, B, t, ex)
+        times.append(time.perf_counter() - t0)
+        g = peak_rss_growth(base)
+        growth, method = max(growth, g), method if base is not None else "ru_maxrss (absolute)"
+        if fp is None:  # fingerprint: compared across impls by the parent and the tests
+            fp = [o.double().sum().item() if o.dim() <= 1 else o.double().norm().item() for o in out]
+            out_bytes = nbytes(*out)
+        del out
+    in_bytes = nbytes(A, B, t, ex)
+    flops = (2 if mode == "fwd" else 8) * M * N * d
+    ms = statistics.median(times) * 1e3
+    return dict(op=op, impl=impl, mode=mode, dims=dims, ms=ms, times_ms=[x * 1e3 for x in times],
+                gflops=flops / ms / 1e6, in_bytes=in_bytes, needed_bytes=in_bytes + out_bytes,
+                peak_bytes=in_bytes + growth if method == "VmHWM" else growth,
+                rss_method=method, fingerprint=fp, threads=torch.get_num_threads())
+
+
+def cpu_main(args):
+    dims = {"catalog": dict(M=args.M, N=args.N, d=args.d, X=args.X),
+            "logprob": dict(M=args.T, N=args.V, d=args.d)}
+    size_flags = ["--M", args.M, "--N", args.N, "--d", args.d, "--X", args.X, "--T", args.T, "--V", args.V,
+                  "--repeats", args.repeats]
+    cases = [(op, impl, mode) for op in ("catalog", "logprob") for mode in ("fwd", "fwdbwd")
+             for impl in ("reference", "torch")]
+    res, t_start = {}, time.time()
+    for op, impl, mode in tqdm(cases, desc="cpu cases", file=sys.stderr):
+        cmd = [sys.executable, os.path.abspath(__file__), "--case", f"{op}:{impl}:{mode}", "--json"]
+        p = subprocess.run(cmd + [str(x) for x in size_flags], capture_output=True, text=True)
+        if p.returncode != 0:  # a crashed case (e.g. killed for memory) is reported, not fatal
+            res[op, impl, mode] = dict(error=(p.stderr.strip().splitlines() or [f"rc={p.returncode}"])[-1])
+            continue
+        res[op, impl, mode] = json.loads(p.stdout.strip().splitlines()[-1])
+    total_s = time.time() - t_start
+
+    lines = ["| op | dims | mode | impl | ms (median) | GFLOP/s | peak GiB | needed GiB | peak/needed | "
+             "chunked/ref peak | agrees w/ ref | peak <= 1.5x needed | peak <= ref/10 |",
+             "|" + "---|" * 13]
+    for op, impl, mode in cases:
+        r = res[op, impl, mode]
+        dimstr = " ".join(f"{k}={v}" for k, v in dims[op].items())
+        if "error" in r:
+            lines.append(f"| {op} | {dimstr} | {mode} | {impl} | error: {r['error']} |" + " |" * 8)
+            continue
+        ref = res[op, "reference", mode]
+        chk = ["", "", "", ""]
+        if impl == "torch" and "error" not in ref:
+            ratio_ref = r["peak_bytes"] / ref["peak_bytes"]
+            agree = all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(r["fingerprint"], ref["fingerprint"]))
+            chk = [f"{ratio_ref:.3f}", "yes" if agree else "NO",
+                   "PASS" if r["peak_bytes"] <= 1.5 * r["needed_bytes"] else "FAIL",
+                   "PASS" if ratio_ref <= 0.1 else "FAIL"]
+        lines.append(f"| {op} | {dimstr} | {mode} | {impl} | {r['ms']:.0f} | {r['gflops']:.1f} | "
+                     f"{r['peak_bytes'] / GB:.3f} | {r['needed_bytes'] / GB:.3f} | "
+                     f"{r['peak_bytes'] / r['needed_bytes']:.2f} | " + " | ".join(chk) + " |")
+    # napkin: with inputs counted, chunked/ref can never go below needed/ref; say so when that is > 1/10
+    for op, mode in [(op, mode) for op in ("catalog", "logprob") for mode in ("fwd", "fwdbwd")]:
+        r, ref = res[op, "torch", mode], res[op, "reference", mode]
+        if "error" not in r and "error" not in ref and r["needed_bytes"] > 0.1 * ref["peak_bytes"]:
+            lines.append(f"\nnote: {op} {mode}: needed/ref peak = {r['needed_bytes'] / ref['peak_bytes']:.3f} > 0.1, "
+                         "so no path that holds its inputs, outputs and grads can be under 1/10 of the reference "
+                         "here (the item table itself is as big as the logits when d = M).")
+    table = "\n".join(lines)
+    cpu_model = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    date = datetime.date.today().isoformat()
+    head = [f"# CPU benchmark: {cpu_model}, {os.cpu_count()} cores, {date}", "",
+            f"versions: {json.dumps(versions())}; torch threads: {res[cases[0]].get('threads', '?')}", "",
+            "fp32. fwd: catalog_stats (lse, target logit, rank; X excluded ids/row) / token_logprobs under "
+            "no_grad. fwd+bwd: catalog_loss / -token_logprobs.mean() + grads w.r.t. both inputs. "
+            f"{args.repeats} timed call(s) per case after a tiny-size warm-up, each case in its own process. "
+            "GFLOP/s counts 2MNd (fwd) / 8MNd (fwd+bwd) for every row. Peak = input bytes + growth of "
+            "VmHWM over the baseline taken after inputs exist; needed = exact bytes of inputs + outputs + "
+            "grads. Shared machine: timings are noisy.", "", f"total wall time: {total_s:.0f} s; load average at the end: "
+            f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores", "", ""]
+    text = "\n".join(head) + table + "\n"
+    path = os.path.join(args.results_dir, f"cpu-{slug(cpu_model)}-{date}.md")
+    atomic_write(path, text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        shutil.copy(path, args.out)
+    print("\n".join(head) + table)
+    print(f"\nwritten: {path}")
+
+
+# ----------------------------------------------------------------------------- GPU
+class Log:
+    """print + append to OUT/bench-log.txt line by line (a killed run still leaves its log)."""
+
+    def __init__(self, out_dir):
+        self.f = None
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            self.f = open(os.path.join(out_dir, "bench-log.txt"), "a", buffering=1)
+
+    def __call__(self, *a):
+        s = " ".join(str(x) for x in a)
+        tqdm.write(s)
+        if self.f:
+            self.f.write(s + "\n")
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, dev, warmup, reps):
+    """Median ms of `reps` calls after `warmup` calls. CUDA events around each call on GPU."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    ts = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            ts.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def measure_peaks(dev, dry):
+    """bf16 matmul TFLOP/s (n^3 GEMM) and device-to-device copy GB/s (read + write bytes)."""
+    n = 256 if dry else 8192
+    dt = torch.float32 if dry else torch.bfloat16
+    a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
+    mm_ms = time_ms(lambda: a @ b, dev, 3, 5 if dry else 20)
+    x = torch.randn((1 << 20) if dry else (1 << 29), device=dev, dtype=dt)  # 1 GiB bf16 on GPU
+    y = torch.empty_like(x)
+    cp_ms = time_ms(lambda: y.copy_(x), dev, 3, 5 if dry else 20)
+    peak = dict(matmul_tflops=2 * n ** 3 / mm_ms / 1e9, copy_gbs=2 * nbytes(x) / cp_ms / 1e6, matmul_n=n)
+    del a, b, x, y
+    return peak
+
+
+def run_cuda_tests(log, timeout):
+    files = [f for f in ("tests/test_catalog.py", "tests/test_logprobs.py") if os.path.exists(os.path.join(ROOT, f))]
+    if not files:
+        return "no test files found"
+    env = dict(os.environ, R2EC_TEST_DEVICE="cuda")
+    env.pop("TRITON_INTERPRET", None)  # real Triton compilation
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + files
+    log("$ R2EC_TEST_DEVICE=cuda " + " ".join(cmd[1:]))
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        out = (p.stdout + p.stderr).strip()
+    except subprocess.TimeoutExpired as e:
+        out = f"{e.stdout or ''}\nTIMEOUT after {timeout} s"
+    if log.f:
+        log.f.write(out + "\n")
+    return (out.splitlines() or ["(no output)"])[-1]
+
+
+def load_peers(dev):
+    """name -> loss_fn(H, E, targets, reduction) or a string saying why it is skipped."""
+    peers = {}
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
+        peers["liger"] = lambda H, E, t, r: liger(H, E, t, reduction=r).float()
+    except Exception as e:
+        peers["liger"] = f"skipped: liger_kernel not importable ({type(e).__name__})"
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+        peers["cce"] = lambda H, E, t, r: cce(H, E, t, reduction=r).float()  # default filter_eps="high"
+        peers["cce-exact"] = lambda H, E, t, r: cce(H, E, t, reduction=r, filter_eps=None).float()
+    except Exception as e:
+        peers["cce"] = f"skipped: cut_cross_entropy not importable ({type(e).__name__})"
+    if dev.type != "cuda":  # --dry: keep the peer plumbing exercised with a clearly named stand-in
+        peers = {k: v if isinstance(v, str) else "skipped: needs CUDA" for k, v in peers.items()}
+        peers["dry-peer (naive, no mask)"] = lambda H, E, t, r: naive_loss(H, E, t, None, r)
+    return peers
+
+
+def naive_loss(H, E, t, ex, reduction):
+    """What most code does: materialise fp32 logits [M,N], mask, cross-entropy."""
+    z = (H @ E.T).float()                                                  # [M,N] fp32
+    if ex is not None:
+        z[:, 0] = float("-inf")                                            # padding item
+        z.scatter_(1, torch.where(ex == t[:, None], 0, ex), float("-inf"))  # never mask the target
+    return F.cross_entropy(z, t, reduction=reduction)
+
+
+def fp32_reference(H, E, t, ex, idx, budget_s):
+    """Per-row loss [M], dH [M,d], dE[idx] of mean loss, fp32 on the upcast inputs, in row chunks
+    of <= 1 GiB of logits. ex given: mask column 0 and ex (never the target). None past budget_s."""
+    t0, M, N = time.time(), H.shape[0], E.shape[0]
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    E32 = E.float()
+    rows = torch.empty(M, device=H.device)
+    dH = torch.empty(M, H.shape[1], device=H.device)
+    dE = torch.zeros(len(idx), H.shape[1], device=H.device)
+    mc = max(1, min(M, (1 << 28) // N))
+    try:
+        for s in range(0, M, mc):
+            if time.time() - t0 > budget_s:
+                return None
+            h, tc = H[s:s + mc].float(), t[s:s + mc]
+            z = h @ E32.T                                                   # [m,N]
+            if ex is not None:
+                z[:, 0] = float("-inf")
+                z.scatter_(1, torch.where(ex[s:s + mc] == tc[:, None], 0, ex[s:s + mc]), float("-inf"))
+            lse = torch.logsumexp(z, 1)
+            rows[s:s + mc] = lse - z.gather(1, tc[:, None]).squeeze(1)
+            p = z.sub_(lse[:, None]).exp_()                                 # softmax, in place
+            p[torch.arange(len(tc), device=p.device), tc] -= 1.0
+            p /= M                                                          # mean reduction
+            dH[s:s + mc] = p @ E32
+            dE += p[:, idx].T @ h
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return rows, dH, dE
+
+
+def bench_row(name, loss_fn, A, B, ref, idx, dev, args):
+    """fwd and fwd+bwd of loss_fn(A, B, reduction): ms, peak bytes, rel. errors. Errors -> strings."""
+    r = dict(impl=name)
+    Ag, Bg = A.detach().requires_grad_(), B.detach().requires_grad_()
+    fwd = lambda: loss_fn(A, B, "mean")                                     # noqa: E731
+    fb = lambda: torch.autograd.grad(loss_fn(Ag, Bg, "mean"), [Ag, Bg])     # noqa: E731
+    for mode, fn in (("fwd", fwd), ("fb", fb)):
+        try:
+            with torch.set_grad_enabled(mode == "fb"):
+                fn()                                                        # compile / autotune
+                sync(dev)
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+                out = fn()
+                sync(dev)
+                r[f"{mode}_peak"] = torch.cuda.max_memory_allocated() - base if dev.type == "cuda" else None
+                if ref is not None and mode == "fb":
+                    r["err_grad"] = max(relerr(out[0], ref[1]), relerr(out[1][idx], ref[2]))
+                del out
+                r[f"{mode}_ms"] = time_ms(fn, dev, args.warmup, args.reps)
+                if ref is not None and mode == "fwd":
+                    r["err_fwd"] = relerr(loss_fn(A, B, "none"), ref[0])
+        except torch.OutOfMemoryError:
+            r[f"{mode}_ms"] = r[f"{mode}_peak"] = "OOM"
+        except Exception as e:
+            r[f"{mode}_ms"] = f"error: {type(e).__name__}"
+            r.setdefault("note", f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+            r["traceback"] = traceback.format_exc()
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return r
+
+
+def bench_op(op, label, dims, dev, dtype, peers, impl, args, log):
+    M, N, d = dims["M"], dims["N"], dims["d"]
+    A, B, t, ex = make_inputs(op, M, N, d, dims.get("X", 0), device=dev, dtype=dtype)
+    # dE is checked on a random row subset (plus every target row) to keep the reference small
+    g = torch.Generator(device=dev).manual_seed(1)
+    idx = torch.unique(torch.cat([t, torch.randint(0, N, (min(N, 32768),), device=dev, generator=g)]))
+    refs = {}
+    for key, e in (("plain", None), ("excl", ex)) if op == "catalog" else (("plain", None),):
+        t0, refs[key] = time.time(), None
+        try:
+            refs[key] = None if args.no_ref else fp32_reference(A, B, t, e, idx, args.ref_budget_s)
+        except torch.OutOfMemoryError:
+            log("  fp32 reference: OOM")
+        gc.collect()
+        log(f"  fp32 reference ({key}): {'skipped' if refs[key] is None else f'{time.time() - t0:.1f} s'}")
+    if op == "catalog":
+        ours = lambda H, E, r: catalog_loss(H, E, t, exclude=ex, reduction=r, impl=impl)  # noqa: E731
+        naive = lambda H, E, r: naive_loss(H, E, t, ex, r)                                # noqa: E731
+    else:
+        ours = lambda H, E, r: (lambda lp: -lp.mean() if r == "mean" else -lp)(           # noqa: E731
+            token_logprobs(H, E, t, impl=impl))
+        naive = lambda H, E, r: naive_loss(H, E, t, None, r)                              # noqa: E731
+    ref_ours = refs.get("excl") if op == "catalog" else refs["plain"]
+    rows = [bench_row("naive", naive, A, B, ref_ours, idx, dev, args),
+            bench_row(f"ours ({impl})", ours, A, B, ref_ours, idx, dev, args)]
+    for name, fn in peers.items():
+        if isinstance(fn, str):
+            rows.append(dict(impl=name, note=fn))
+        else:
+            rows.append(bench_row(name, lambda H, E, r, fn=fn: fn(H, E, t, r), A, B, refs["plain"], idx, dev, args))
+    for r in rows:
+        r.update(op=op, label=label, dims=dims, excl=(op == "catalog" and r["impl"] in ("naive", f"ours ({impl})")))
+        log(f"  {r['impl']}: " + ", ".join(f"{k}={fmt(r[k], '.4g')}" for k in
+                                           ("fwd_ms", "fb_ms", "fwd_peak", "fb_peak", "err_fwd", "err_grad", "note") if k in r))
+        if "traceback" in r and log.f:
+            log.f.write(r.pop("traceback"))
+        r.pop("traceback", None)
+    del A, B, t, ex, refs
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def gpu_table(rows, peak, dtype_name):
+    """Markdown: napkin lines per (op, size), then one row per impl, then the issue's checks."""
+    out, seen = [], set()
+    tf, bw = peak["matmul_tflops"] * 1e12, peak["copy_gbs"] * 1e9
+    for r in rows:
+        key = (r["op"], r["label"])
+        if key in seen:
+            continue
+        seen.add(key)
+        M, N, d = r["dims"]["M"], r["dims"]["N"], r["dims"]["d"]
+        el = 2 if dtype_name == "bf16" else 4
+        fl_f, fl_b = 2 * M * N * d, 8 * M * N * d
+        by_f, by_b = (M + N) * d * el, 3 * (M + N) * d * el  # read inputs (twice for bwd) + write grads
+        out.append(f"- {r['op']} {r['label']} ({', '.join(f'{k}={v:,}' for k, v in r['dims'].items())}, {dtype_name}): "
+                   f"fwd {fl_f / 1e12:.2f} TFLOP, floor {max(fl_f / tf, by_f / bw) * 1e3:.2f} ms; fwd+bwd "
+                   f"{fl_b / 1e12:.2f} TFLOP, floor {max(fl_b / tf, by_b / bw) * 1e3:.2f} ms "
+                   f"(bytes floor {by_b / bw * 1e3:.3f} ms: GEMM-bound); fp32 logits would be {M * N * 4 / GB:.1f} GiB")
+    out += ["", "| op | size | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s (% peak) | fwd+bwd TFLOP/s (% peak) | "
+            "fwd+bwd / floor | fwd peak GiB | fwd+bwd peak GiB | err fwd | err grad | note |", "|" + "---|" * 13]
+    for r in rows:
+        M, N, d = r["dims"]["M"], r["dims"]["N"], r["dims"]["d"]
+        cells = []
+        for mode, fl in (("fwd", 2 * M * N * d), ("fb", 8 * M * N * d)):
+            ms = r.get(f"{mode}_ms")
+            cells.append(f"{fl / ms / 1e9:.3g} ({100 * fl / ms / 1e9 / peak['matmul_tflops']:.0f}%)"
+                         if isinstance(ms, float) else "-")
+        fb = r.get("fb_ms")
+        ratio = f"{fb / (8 * M * N * d / tf * 1e3):.2f}x" if isinstance(fb, float) else "-"
+        gib = lambda v: fmt(v / GB, ".2f") if isinstance(v, int) else fmt(v)  # noqa: E731
+        note = "; ".join(x for x in (f"masks {r['dims'].get('X')} ids/row + pad" if r.get("excl") else "",
+                                     r.get("note", "")) if x)
+        out.append(f"| {r['op']} | {r['label']} | {r['impl']} | {fmt(r.get('fwd_ms'), '.2f')} | "
+                   f"{fmt(r.get('fb_ms'), '.2f')} | {cells[0]} | {cells[1]} | {ratio} | {gib(r.get('fwd_peak'))} | "
+                   f"{gib(r.get('fb_peak'))} | {fmt(r.get('err_fwd'), '.1e')} | {fmt(r.get('err_grad'), '.1e')} | {note} |")
+    out += ["", "Checks at the large sizes (issue 7): ours fwd+bwd >= 2x faster than naive, peak <= 1/10 of naive, "
+            "within 1.3x of the fastest peer:"]
+    for op in ("catalog", "logprob"):
+        rs = [r for r in rows if r["op"] == op and r["label"] == "large"]
+        ours = next((r for r in rs if r["impl"].startswith("ours")), None)
+        if ours is None or not isinstance(ours.get("fb_ms"), float):
+            out.append(f"- {op}: ours has no fwd+bwd time ({ours.get('fb_ms') if ours else 'not run'})")
+            continue
+        nv = next((r for r in rs if r["impl"] == "naive"), {})
+        if nv.get("fb_ms") == "OOM":
+            out.append(f"- {op}: vs naive: PASS (naive OOM on this device)")
+        elif isinstance(nv.get("fb_ms"), float):
+            sp, mem = nv["fb_ms"] / ours["fb_ms"], (ours["fb_peak"] / nv["fb_peak"] if isinstance(ours.get("fb_peak"), int)
+                                                     and nv.get("fb_peak") else None)
+            out.append(f"- {op}: speed-up vs naive {sp:.2f}x {'PASS' if sp >= 2 else 'FAIL'}; peak memory ours/naive "
+                       f"{fmt(mem, '.3f')} {'PASS' if mem is not None and mem <= 0.1 else 'FAIL' if mem else 'n/a'}")
+        pe = [r for r in rs if r["impl"] in ("liger", "cce", "cce-exact", "dry-peer (naive, no mask)") and isinstance(r.get("fb_ms"), float)]
+        if pe:
+            best = min(pe, key=lambda r: r["fb_ms"])
+            q = ours["fb_ms"] / best["fb_ms"]
+            out.append(f"- {op}: ours / fastest peer ({best['impl']}) = {q:.2f}x {'PASS' if q <= 1.3 else 'FAIL'}")
+        else:
+            out.append(f"- {op}: no peer ran")
+    return "\n".join(out)
+
+
+def gpu_main(args):
+    if args.dry:
+        dev, dtype, dtype_name, impl, sizes = torch.device("cpu"), torch.float32, "fp32", "torch", DRY_SIZES
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny ops: thread hand-offs cost more than the work on a busy CPU
+        try:
+            return _gpu_main(args, dev, dtype, dtype_name, impl, sizes)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        if not torch.cuda.is_available():
+            raise BenchError("--gpu needs a CUDA device (torch.cuda.is_available() is False); "
+                             "use `python bench.py --gpu --dry` to check the orchestration on CPU")
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise BenchError("TRITON_INTERPRET=1 is set in the environment; unset it for --gpu (real compilation)")
+        dev, dtype, dtype_name, impl, sizes = torch.device("cuda"), torch.bfloat16, "bf16", "triton", GPU_SIZES
+    return _gpu_main(args, dev, dtype, dtype_name, impl, sizes)
+
+
+def _gpu_main(args, dev, dtype, dtype_name, impl, sizes):
+    t_start, log = time.time(), Log(args.out)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name()
+        try:
+            drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except Exception:
+            drv = "?"
+        machine = f"{name}, driver {drv}, CUDA {torch.version.cuda}, {torch.cuda.get_device_properties(0).total_memory / GB:.0f} GiB"
+    else:
+        name, machine = "dry-cpu", "CPU (--dry: tiny sizes, impl=torch; numbers mean nothing)"
+    log(f"# bench.py --gpu{' --dry' if args.dry else ''}: {machine}")
+    log(f"versions: {json.dumps(versions())}")
+    tests = "skipped (--dry)" if args.dry else "skipped (--no-tests)" if args.no_tests else run_cuda_tests(log, args.test_timeout)
+    log(f"CUDA test suite: {tests}  ({time.time() - t_start:.0f} s)")
+    peak = measure_peaks(dev, args.dry)
+    log(f"measured: {dtype_name} matmul {peak['matmul_tflops']:.1f} TFLOP/s "
+        f"(n={peak['matmul_n']}), copy {peak['copy_gbs']:.0f} GB/s (read+write)")
+    peers = load_peers(dev)
+    rows = []
+    for op, label, dims in tqdm(sizes, desc="gpu cases", file=sys.stderr):
+        if time.time() - t_start > args.budget_s:
+            rows.append(dict(op=op, label=label, dims=dims, impl="-", note=f"skipped: past --budget-s {args.budget_s}"))
+            log(f"{op} {label}: skipped (time budget)")
+            continue
+        log(f"{op} {label} {dims}:")
+        try:  # one size failing outside a row (inputs, reference) must not lose the others
+            rows += bench_op(op, label, dims, dev, dtype, peers, impl, args, log)
+        except Exception as e:
+            log(f"  failed: {type(e).__name__}: {e}")
+            if log.f:
+                log.f.write(traceback.format_exc())
+            rows.append(dict(op=op, label=label, dims=dims, impl="-", note=f"failed: {type(e).__name__}"))
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if args.out:  # partial results survive a run killed at its time limit
+            atomic_write(os.path.join(args.out, "bench-gpu.json"), json.dumps(dict(rows=rows), indent=1, default=str))
+    date = datetime.date.today().isoformat()
+    head = [f"# Kernel benchmark: {machine}, {date}", "", f"versions: {json.dumps(versions())}", "",
+            f"CUDA test suite (real Triton compile): {tests}", "",
+            f"measured peaks: matmul {peak['matmul_tflops']:.1f} TFLOP/s ({dtype_name} {peak['matmul_n']}^3), "
+            f"device copy {peak['copy_gbs']:.0f} GB/s (read+write). Medians of {args.reps} timed calls after "
+            f"{args.warmup + 2} warm-up calls, CUDA events. FLOPs: fwd 2MNd, fwd+bwd 8MNd for every row. "
+            "Peak = max_memory_allocated above the inputs. err = ||out-ref||/||ref|| vs fp32 on the upcast "
+            "inputs (grad: max over dH, dE rows subset). cce = Cut Cross-Entropy defaults (filter_eps='high', "
+            "approximate gradients); cce-exact = filter_eps=None. Peers mask nothing.", ""]
+    text = "\n".join(head) + gpu_table(rows, peak, dtype_name) + f"\n\ntotal wall time: {time.time() - t_start:.0f} s\n"
+    path = None
+    if not args.dry:
+        path = os.path.join(args.results_dir, f"{slug(name)}-{date}.md")
+        atomic_write(path, text)
+    if args.out:
+        atomic_write(os.path.join(args.out, f"{slug(name)}-{date}.md"), text)
+        atomic_write(os.path.join(args.out, "bench-gpu.json"),
+                     json.dumps(dict(machine=machine, peak=peak, tests=tests, rows=rows), indent=1, default=str))
+    if log.f:
+        log.f.write(text)
+    print(text)
+    if path:
+        print(f"written: {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # ---- what to run
+    p.add_argument("--gpu", action="store_true", help="CUDA benchmark (tests, peaks, naive/ours/peers)")
+    p.add_argument("--dry", action="store_true", help="with --gpu: run its orchestration at tiny sizes on CPU")
+    p.add_argument("--case", default=None, help="internal: run one CPU case op:impl:mode in this process")
+    p.add_argument("--json", action="store_true", help="with --case: print the result as one JSON line")
+    # ---- CPU sizes (catalog M x N, log-prob T x V, shared d)
+    p.add_argument("--M", type=int, default=256, help="catalog: users per batch")
+    p.add_argument("--N", type=int, default=1_000_000, help="catalog: items")
+    p.add_argument("--X", type=int, default=20, help="catalog: excluded (history) ids per row")
+    p.add_argument("--T", type=int, default=2048, help="log-prob: tokens")
+    p.add_argument("--V", type=int, default=50_000, help="log-prob: vocabulary")
+    p.add_argument("--d", type=int, default=256, help="hidden size")
+    p.add_argument("--repeats", type=int, default=1, help="CPU: timed calls per case (libraries warmed up at a tiny size)")
+    # ---- GPU protocol
+    p.add_argument("--warmup", type=int, default=2, help="GPU: warm-up calls before timing")
+    p.add_argument("--reps", type=int, default=7, help="GPU: timed calls (median reported)")
+    p.add_argument("--test-timeout", type=int, default=240, help="GPU: seconds allowed for the CUDA test suite")
+    p.add_argument("--no-tests", action="store_true", help="GPU: skip the CUDA test suite")
+    p.add_argument("--budget-s", type=float, default=330, help="GPU: start no new size after this many seconds")
+    p.add_argument("--ref-budget-s", type=float, default=45, help="GPU: give up an fp32 reference after this long")
+    p.add_argument("--no-ref", action="store_true", help="GPU: skip the fp32 references (no error columns)")
+    # ---- output
+    p.add_argument("--results-dir", default=os.path.join(ROOT, "bench", "results"), help="where results .md go")
+    p.add_argument("--out", default=None, help="also copy the results table, JSON and full log into this dir")
+    args = p.parse_args(argv)
+    try:
+        if args.case:
+            parts = args.case.split(":")
+            if len(parts) != 3 or parts[0] not in ("catalog", "logprob") or parts[2] not in ("fwd", "fwdbwd"):
+                raise BenchError(f"--case {args.case!r}: expected catalog|logprob:impl:fwd|fwdbwd")
+            dims = dict(M=args.M, N=args.N, d=args.d, X=args.X) if parts[0] == "catalog" else \
+                dict(M=args.T, N=args.V, d=args.d)
+            r = cpu_case(parts[0], parts[1], parts[2], dims, args.repeats)
+            print(json.dumps(r) if args.json else r)
+        elif args.gpu:
+            gpu_main(args)
+        else:
+            if args.dry:
+                raise BenchError("--dry only applies to --gpu (the CPU bench is already safe to run)")
+            cpu_main(args)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

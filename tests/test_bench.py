@@ -1,0 +1,76 @@
+"""Smoke tests of bench.py at tiny sizes: the CPU case runner (fields, chunked == reference), one case
+in a subprocess (the JSON contract the CPU table relies on), and the --gpu --dry orchestration."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"catalog": dict(M=7, N=1001, d=24, X=5), "logprob": dict(M=13, N=517, d=24)}
+FIELDS = {"op", "impl", "mode", "ms", "gflops", "in_bytes", "needed_bytes", "peak_bytes", "fingerprint"}
+
+
+@pytest.mark.parametrize("op", ["catalog", "logprob"])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_cpu_case_fields_and_agreement(op, mode):
+    ref = bench.cpu_case(op, "reference", mode, TINY[op], repeats=1)
+    got = bench.cpu_case(op, "torch", mode, TINY[op], repeats=1)
+    assert FIELDS <= set(got) and got["ms"] > 0 and len(got["times_ms"]) == 1
+    M, N, d = TINY[op]["M"], TINY[op]["N"], TINY[op]["d"]
+    assert got["in_bytes"] >= 4 * (M + N) * d                       # fp32 H/E (or hidden/W) at least
+    if mode == "fwdbwd":                                            # grads are as big as the inputs
+        assert got["needed_bytes"] >= got["in_bytes"] + 4 * (M + N) * d
+    # the fingerprints (sums / norms of every output) must match the reference path
+    assert len(got["fingerprint"]) == len(ref["fingerprint"]) == (3 if mode == "fwdbwd" or op == "catalog" else 1)
+    for a, b in zip(got["fingerprint"], ref["fingerprint"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
+    assert any(abs(x) > 1e-3 for x in got["fingerprint"])          # not all zeros
+
+
+def test_case_subprocess_json():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--case", "logprob:torch:fwdbwd", "--json",
+                        "--T", "9", "--V", "101", "--d", "8", "--repeats", "1"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert FIELDS <= set(r) and r["dims"] == dict(M=9, N=101, d=8) and r["peak_bytes"] > 0
+
+
+def test_bad_case_is_one_line_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--case", "catalog:torch"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --case")
+
+
+def test_bench_row_reports_oom_and_errors():
+    A, B, t, _ = bench.make_inputs("logprob", 5, 40, 8)
+
+    def oom(H, E, r):
+        raise torch.OutOfMemoryError("fake")
+
+    def broken(H, E, r):
+        raise ValueError("bad shape")
+    args = type("A", (), dict(warmup=0, reps=1))()
+    r = bench.bench_row("x", oom, A, B, None, None, torch.device("cpu"), args)
+    assert r["fwd_ms"] == "OOM" and r["fb_ms"] == "OOM"
+    r = bench.bench_row("y", broken, A, B, None, None, torch.device("cpu"), args)
+    assert r["fb_ms"].startswith("error") and "bad shape" in r["note"]
+
+
+def test_gpu_dry_orchestration(tmp_path):
+    out, res = tmp_path / "out", tmp_path / "results"
+    bench.main(["--gpu", "--dry", "--reps", "1", "--warmup", "0", "--out", str(out), "--results-dir", str(res)])
+    assert not res.exists()                                         # --dry never writes bench/results
+    md = next(out.glob("dry-cpu-*.md")).read_text()
+    assert "| catalog | large | ours (torch) |" in md and "Checks at the large sizes" in md
+    data = json.loads((out / "bench-gpu.json").read_text())
+    ours = [r for r in data["rows"] if r["impl"] == "ours (torch)"]
+    assert len(ours) == 4
+    for r in ours + [r for r in data["rows"] if r["impl"] == "naive"]:
+        assert isinstance(r["fb_ms"], float) and r["err_fwd"] < 1e-5 and r["err_grad"] < 1e-5, r
+    assert (out / "bench-log.txt").stat().st_size > 0
