@@ -46,7 +46,7 @@ def token_logprobs_reference(hidden, weight, tokens, temperature=1.0, mask=None,
 
 
 # ----------------------------------------------------------------------------- chunked PyTorch
-TORCH_CHUNK = {"cpu": 1 << 22, "cuda": 1 << 26}   # logits elements per row chunk (16 MB / 256 MB fp32)
+TORCH_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}   # logits elements per row chunk (4 MB / 256 MB fp32)
 
 
 def _rows(h, V):
