@@ -157,34 +157,45 @@ def cpu_fn(op, impl, mode, A, B, t, ex):
     return (loss.detach(),) + tuple(torch.autograd.grad(loss, [A, B]))
 
 
-def cpu_case(op, impl, mode, dims, repeats=1):
-    """Run one case in this process: inputs, then `repeats` timed calls, each with its own memory
-    baseline. No full-size warm-up: the libraries are initialised at a tiny size first, and on a CPU
-    the first call is not special (large buffers are mmapped afresh on every call anyway)."""
-    M, N, d, X = dims["M"], dims["N"], dims["d"], dims.get("X", 0)
-    try:  # glibc: serve big blocks by mmap so freed memory leaves RSS (else the peak counts allocator hoarding)
+def _exact_rss_allocator():
+    """glibc: serve big blocks by mmap and give back what is cached, so the RSS high-water mark
+    measures what the op holds rather than what the allocator hoards. Only for the memory call:
+    mmap per block makes allocation slower, so the timed calls run before this is set."""
+    try:
         import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+        libc.malloc_trim(0)
     except Exception:
         pass
+
+
+def cpu_case(op, impl, mode, dims, repeats=1):
+    """Run one case in this process: inputs, `repeats` timed calls, then one call whose peak memory
+    is measured against a baseline taken after the inputs exist. No full-size warm-up: the libraries
+    are initialised at a tiny size first, and on a CPU the first call is not special."""
+    M, N, d, X = dims["M"], dims["N"], dims["d"], dims.get("X", 0)
     # initialise the libraries (thread pools, allocator arenas) before the baseline, at a tiny size
     a, b, tt, e = make_inputs(op, 4, 64, 8, min(X, 3), seed=1)
     cpu_fn(op, impl, mode, a.requires_grad_(mode == "fwdbwd"), b.requires_grad_(mode == "fwdbwd"), tt, e)
     A, B, t, ex = make_inputs(op, M, N, d, X)
     A.requires_grad_(mode == "fwdbwd"), B.requires_grad_(mode == "fwdbwd")
-    times, fp, growth, method = [], None, 0, "VmHWM"
+    times = []
     for i in range(repeats):
-        gc.collect()
-        base = reset_peak_rss()  # per call: the fingerprint below must not count as the op's memory
         t0 = time.perf_counter()
         out = cpu_fn(op, impl, mode, A, B, t, ex)
         times.append(time.perf_counter() - t0)
-        g = peak_rss_growth(base)
-        growth, method = max(growth, g), method if base is not None else "ru_maxrss (absolute)"
-        if fp is None:  # fingerprint: compared across impls by the parent and the tests
-            fp = [o.double().sum().item() if o.dim() <= 1 else o.double().norm().item() for o in out]
-            out_bytes = nbytes(*out)
         del out
+    _exact_rss_allocator()
+    gc.collect()
+    base = reset_peak_rss()
+    out = cpu_fn(op, impl, mode, A, B, t, ex)
+    growth = peak_rss_growth(base)
+    method = "VmHWM" if base is not None else "ru_maxrss (absolute)"
+    # fingerprint (after the memory reading): compared across impls by the parent and the tests
+    fp = [o.double().sum().item() if o.dim() <= 1 else o.double().norm().item() for o in out]
+    out_bytes = nbytes(*out)
+    del out
     in_bytes = nbytes(A, B, t, ex)
     flops = (2 if mode == "fwd" else 8) * M * N * d
     ms = statistics.median(times) * 1e3
@@ -255,7 +266,8 @@ def cpu_main(args):
             "no_grad. fwd+bwd: catalog_loss / -token_logprobs.mean() + grads w.r.t. both inputs. "
             f"{args.repeats} timed call(s) per case after a tiny-size warm-up, each case in its own process. "
             "GFLOP/s counts 2MNd (fwd) / 8MNd (fwd+bwd) for every row. Peak = input bytes + growth of "
-            "VmHWM over the baseline taken after inputs exist; needed = exact bytes of inputs + outputs + "
+            "VmHWM over the baseline taken after inputs exist, in a separate untimed call with glibc's mmap "
+            "threshold at 1 MiB so freed blocks leave the RSS; needed = exact bytes of inputs + outputs + "
             "grads. Shared machine: timings are noisy.", "", f"total wall time: {total_s:.0f} s; load average at the end: "
             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores", "", ""]
     text = "\n".join(head) + table + "\n"
