@@ -5,6 +5,7 @@ PyTorch and the peer libraries, with the napkin math (FLOPs, bytes, % of the mea
     python bench.py --gpu             # CUDA: test suite, measured peaks, naive / ours / peers (~6 min H100)
     python bench.py --gpu --dry       # the --gpu orchestration at tiny sizes on CPU (impl="torch")
     python bench.py --gpu --out $OUT  # also copy the results table, JSON rows and full log into $OUT
+    python bench.py --e2e             # one RecPO step of train.py, tiny + larger config, split into phases
 
 Protocol. Inputs are random (never zeros), logits ~ N(0, 2^2). "fwd" = the loss (or stats) forward under
 no_grad; "fwd+bwd" = loss forward + gradients w.r.t. both inputs (torch.autograd.grad). GPU times are
@@ -25,8 +26,17 @@ history ids per row (+ padding column 0); the peers' rows mask nothing. Bring th
     pip download --no-deps liger-kernel==0.8.5 cut-cross-entropy==25.1.1 -d .whl      # online machine
     pip install --no-index --no-deps --target /tmp/site .whl/*.whl                    # GPU machine
     PYTHONPATH=/tmp/site python bench.py --gpu
-Not yet here: --e2e (one RecPO step split into rollout / reward / item encoding / fwd+bwd) waits for
-model.py and train.py; it will be its own function next to cpu_main / gpu_main.
+
+End to end (--e2e): train.py's own loop body (rollout_step + update_step, built with train.build from
+train.resolve_config's flags, 'auto' values resolved for the device) for a tiny and a larger config; while it
+runs, train.py/recpo's inner calls are wrapped by timers, so each step splits into rollout (train.decode),
+reward (recpo.compute_rewards + advantages: the catalog kernel), item encoding (train.encode_items with grad),
+forward (train.forward_both_shared: log-prob kernel), losses, backward (Tensor.backward), optimizer (clip +
+AdamW), other (the rest); plus one full item-table refresh timed outside the step. 1 warm-up step, then
+--steps timed steps, medians. Writes bench/results/<device>-e2e-<date>.md.
+    python bench.py --e2e --threads 1                       # synthetic, tiny + 4x256 on CPU (~1 min on a busy
+                                                            # 2-core CPU; torch's 2 default threads: ~3.5 min)
+    python bench.py --e2e --dataset ml-100k --steps 3 --device auto
 """
 import argparse
 import datetime
@@ -637,11 +647,261 @@ def _gpu_main(args, dev, dtype, dtype_name, impl, sizes):
         print(f"written: {path}")
 
 
+# ----------------------------------------------------------------------------- end to end: one RecPO step
+# train.py's own step (rollout_step + update_step), with its inner calls wrapped by timers for the duration
+# of the benchmark: (phase, module, function name, what the phase holds). The order is the order of a step.
+E2E_PHASES = [
+    ("rollout", "train", "decode", "G sampled reasoning chains per user + h_T: prompt prefill, KV cache "
+     "repeated G times, one decode step per token (train.decode)"),
+    ("reward", "recpo", "compute_rewards", "full-catalog scores of every h_T against the item table, history "
+     "masked (kernels.catalog via recpo.compute_rewards) + group advantages"),
+    ("reward", "recpo", "compute_advantages", None),
+    ("item encoding", "train", "encode_items", "the micro-batch's target items (+ sampled negatives) "
+     "re-encoded WITH grad, forward only (train.encode_items); their backward is in 'backward'"),
+    ("forward (tokens)", "train", "forward_both_shared", "policy forward over prompt + completion, prompt "
+     "shared by its G chains; token log-probs + entropy (kernels.logprobs)"),
+    ("losses", "recpo", "token_loss", "clipped token loss + item loss (in-batch / sampled / full softmax) "
+     "+ the logged pi(v+) (recpo)"),
+    ("losses", "recpo", "item_loss", None),
+    ("losses", "recpo", "item_logprobs", None),
+    ("backward", "torch", "Tensor.backward", "one backward through token forward, item encoder and both "
+     "losses (per micro-batch)"),
+    ("optimizer", "torch", "nn.utils.clip_grad_norm_", "grad-norm clipping + AdamW step + zero_grad"),
+]
+E2E_LARGE = {"cpu": "--tiny-layers 4 --tiny-hidden 256 --tiny-heads 4",
+             "cuda": "--tiny-layers 8 --tiny-hidden 1024 --tiny-heads 16"}
+
+
+class PhaseTimer:
+    """Wraps functions so each call adds its wall time to a phase. Only the outermost timed call counts
+    (a wrapped function called inside another, e.g. item_logprobs inside item_loss, stays in the outer
+    phase). CUDA: synchronize at both ends, so a phase owns the kernels it launched."""
+
+    def __init__(self, cuda):
+        self.ms, self.active, self.cuda = {}, None, cuda
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def wrap(self, phase, fn):
+        def timed(*a, **k):
+            if self.active is not None:
+                return fn(*a, **k)
+            self.sync()
+            self.active, t0 = phase, time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.sync()
+                self.ms[phase] = self.ms.get(phase, 0.0) + (time.perf_counter() - t0) * 1e3
+                self.active = None
+        return timed
+
+
+class _patched:
+    """Context manager: setattr(obj, name, new) for each triple, restored on exit (even on errors)."""
+
+    def __init__(self, triples):
+        self.triples, self.saved = triples, []
+
+    def __enter__(self):
+        for obj, name, new in self.triples:
+            self.saved.append((obj, name, getattr(obj, name)))
+            setattr(obj, name, new)
+
+    def __exit__(self, *exc):
+        for obj, name, old in reversed(self.saved):
+            setattr(obj, name, old)
+
+
+def machine_name(dev):
+    if dev.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(dev))
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
+def e2e_config(args, name, train_mod):
+    """train.py's resolved config for one benchmarked config (exactly train.py's flags and 'auto' rules)."""
+    import shlex
+    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    size = "" if name == "tiny" else (args.e2e_large_args if args.e2e_large_args is not None
+                                      else E2E_LARGE["cuda" if dev.startswith("cuda") else "cpu"])
+    argv = ["--dataset", args.dataset, "--device", args.device, "--quiet", "--time-budget", "0",
+            "--max-steps", str(args.steps + 1)] + shlex.split(args.e2e_args) + shlex.split(size)
+    try:
+        return train_mod.resolve_config(argv), " ".join(shlex.split(args.e2e_args) + shlex.split(size))
+    except SystemExit:   # argparse already printed its one-line usage error
+        raise BenchError(f"--e2e-args / --e2e-large-args: not valid train.py flags: {' '.join(argv)}")
+
+
+def e2e_one(name, cfg, ds, steps, train_mod, recpo_mod, quiet=False):
+    """Warm-up step, then `steps` timed RecPO steps of train.py's loop body + one timed table refresh.
+    -> dict(config, per-step phase ms lists, step ms list, refresh ms, token counts)."""
+    torch.manual_seed(cfg["seed"])
+    r, params, _ = train_mod.build(cfg, ds, verbose=False)
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.99), weight_decay=cfg["weight_decay"])
+    cuda = cfg["device"].startswith("cuda")
+    timer = PhaseTimer(cuda)
+    mods = {"train": train_mod, "recpo": recpo_mod}
+    triples = [(mods[m], fn, timer.wrap(ph, getattr(mods[m], fn))) for ph, m, fn, _ in E2E_PHASES if m != "torch"]
+    triples += [(torch.Tensor, "backward", timer.wrap("backward", torch.Tensor.backward)),
+                (torch.nn.utils, "clip_grad_norm_", timer.wrap("optimizer", torch.nn.utils.clip_grad_norm_)),
+                (opt, "step", timer.wrap("optimizer", opt.step)),
+                (opt, "zero_grad", timer.wrap("optimizer", opt.zero_grad))]
+    # the full table re-encode train.py runs before its first step, then every --item-refresh steps: timed here
+    timer.sync()
+    t0 = time.perf_counter()
+    train_mod.refresh_items(r, cfg["item_batch_size"])
+    timer.sync()
+    refresh = (time.perf_counter() - t0) * 1e3
+    runs, tokens, gen_tokens, items = [], [], [], []
+    with _patched(triples):
+        for step in tqdm(range(steps + 1), desc=f"e2e {name} (1 warm-up + {steps})", file=sys.stderr,
+                         disable=quiet):
+            timer.ms = {}
+            timer.sync()
+            t0 = time.perf_counter()
+            batch = train_mod.rollout_step(r, ds, cfg, step)
+            train_mod.update_step(r, cfg, batch, opt, params, train_mod.lr_at(step, cfg))
+            timer.sync()
+            total = (time.perf_counter() - t0) * 1e3
+            if step == 0:
+                continue   # warm-up: allocator, thread pools, (CUDA) kernel compilation
+            ph = dict(timer.ms)
+            ph["other"] = total - sum(ph.values())
+            runs.append(dict(step=total, **ph))
+            ro = batch["ro"]
+            tokens.append(int(ro["attention_mask"].sum()) * cfg["num_iterations"])
+            gen_tokens.append(int(ro["sampled_mask"].sum()))
+            n_neg = 0 if batch["neg"] is None else len(batch["neg"])
+            items.append(sum(len(torch.unique(batch["targets"][c["rows"]])) + n_neg for c in batch["chunks"])
+                         * cfg["num_iterations"])
+    n_params = sum(p.numel() for p in r.model.parameters())
+    mc = r.model.config
+    del r, opt, params
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return dict(name=name, runs=runs, refresh_ms=refresh, tokens=statistics.median(tokens),
+                gen_tokens=statistics.median(gen_tokens), items=statistics.median(items), n_params=n_params,
+                arch=f"{mc.num_hidden_layers} layers x {mc.hidden_size} hidden, {mc.num_attention_heads} heads, "
+                     f"vocab {mc.vocab_size}")
+
+
+def e2e_table(results):
+    """Markdown: per config, median ms per phase, % of the median step, throughput."""
+    lines = ["| config | phase | ms (median) | % of step | throughput |", "|---|---|---|---|---|"]
+    for res in results:
+        med = lambda k: statistics.median(r.get(k, 0.0) for r in res["runs"])  # noqa: E731
+        step, cfg = med("step"), res["cfg"]
+        thr = {"rollout": f"{res['gen_tokens'] / med('rollout') * 1e3:,.0f} generated tok/s" if med("rollout") else "-",
+               "item encoding": f"{res['items'] / med('item encoding') * 1e3:,.0f} items/s" if med("item encoding") else "-",
+               "forward (tokens)": f"{res['tokens'] / med('forward (tokens)') * 1e3:,.0f} tok/s" if med("forward (tokens)") else "-",
+               "backward": f"{res['tokens'] / med('backward') * 1e3:,.0f} tok/s" if med("backward") else "-"}
+        seen = []
+        for ph, *_ in E2E_PHASES + [("other",)]:
+            if ph in seen:
+                continue
+            seen.append(ph)
+            lines.append(f"| {res['name']} | {ph} | {med(ph):.1f} | {100 * med(ph) / step:.1f}% | {thr.get(ph, '')} |")
+        lines.append(f"| {res['name']} | **step** | **{step:.1f}** | 100% | {res['tokens'] / step * 1e3:,.0f} tok/s "
+                     f"(train.py's tokens_per_s) |")
+        every = cfg["item_refresh"]
+        lines.append(f"| {res['name']} | table refresh (every {every} steps, not in step) | {res['refresh_ms']:.1f} | "
+                     f"{100 * res['refresh_ms'] / every / step:.1f}% amortized | "
+                     f"{cfg['_num_items'] / res['refresh_ms'] * 1e3:,.0f} items/s |")
+    return "\n".join(lines)
+
+
+def e2e_main(args):
+    if args.steps < 1:
+        raise BenchError(f"--steps {args.steps}: need at least 1 timed step")
+    names = [x.strip() for x in args.e2e_configs.split(",") if x.strip()]
+    if not names or any(n not in ("tiny", "large") for n in names):
+        raise BenchError(f"--e2e-configs {args.e2e_configs!r}: expected a comma list of tiny, large")
+    if args.threads < 0:
+        raise BenchError(f"--threads {args.threads}: expected 0 (torch's default) or a positive count")
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _e2e_main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _e2e_main(args):
+    names = [x.strip() for x in args.e2e_configs.split(",") if x.strip()]
+    import data
+    import model
+    import recpo
+    import train
+    user_errors = (train.TrainError, data.DataError, model.ModelError)
+    t_start, results = time.time(), []
+    try:
+        for name in names:
+            cfg, flags = e2e_config(args, name, train)
+            kw = {"num_users": cfg["synthetic_users"], "num_items": cfg["synthetic_items"]} \
+                if cfg["dataset"] == "synthetic" else {}
+            ds = data.load_dataset(cfg["dataset"], data_dir=cfg["data_dir"], history=cfg["history"],
+                                   verbose=False, **kw)
+            res = e2e_one(name, cfg, ds, args.steps, train, recpo, quiet=args.quiet)
+            cfg["_num_items"] = ds.num_items
+            res.update(cfg=cfg, flags=flags)
+            results.append(res)
+    except user_errors as e:
+        raise BenchError(str(e))
+    dev = results[0]["cfg"]["device"]
+    mname = machine_name(dev)
+    dslug = slug(mname) if dev.startswith("cuda") else f"cpu-{slug(mname)}"
+    date = datetime.date.today().isoformat()
+    head = [f"# End-to-end RecPO step: {mname} ({dev}), {date}", "",
+            f"versions: {json.dumps(versions())}; torch threads: {torch.get_num_threads()}", "",
+            f"command: `python bench.py {' '.join(getattr(args, 'argv', None) or sys.argv[1:])}`", "",
+            f"dataset {args.dataset}; train.py's rollout_step + update_step (its loop body; the same code "
+            f"train.py runs), 1 warm-up step then {args.steps} timed step(s), median per phase; each phase is "
+            "the wall time of the train.py/recpo calls listed below, wrapped by a timer while the benchmark "
+            f"runs{' (torch.cuda.synchronize at both ends)' if dev.startswith('cuda') else ''}. "
+            "'other' = step minus the phases (prompt building, trimming, table write-back, Python). "
+            "Throughput: tokens = prompt + completion tokens of the batch (x --num-iterations).", ""]
+    for res in results:
+        c = res["cfg"]
+        head.append(f"- **{res['name']}**: {res['arch']}, {res['n_params'] / 1e6:.2f} M params; flags "
+                    f"`{res['flags'] or '(train.py defaults)'}`; batch {c['batch_size']} users x G="
+                    f"{c['num_generations']}, micro-batch {c['micro_batch_size']}, max-new-tokens "
+                    f"{c['max_new_tokens']}, prompt-history {c['prompt_history']}, item-loss {c['item_loss']}, "
+                    f"kernels {c['kernels']}; per step {res['tokens']:,.0f} tokens ({res['gen_tokens']:,.0f} "
+                    f"generated), {res['items']:,.0f} items encoded with grad")
+    head += ["", "Phases:"] + [f"- {ph}: {desc}" for ph, _, _, desc in E2E_PHASES if desc] + [
+        "- table refresh: full no-grad re-encode of all items (train.refresh_items), run before the first step, "
+        "every --item-refresh steps and before each evaluation; timed once (the first, before the warm-up step: "
+        "it includes the one-time search of the item prompts' shared prefix), outside the step", "",
+        f"total wall time: {time.time() - t_start:.0f} s; load average at the end: "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores", "", ""]
+    table = e2e_table(results)
+    text = "\n".join(head) + table + "\n"
+    path = os.path.join(args.results_dir, f"{dslug}-e2e-{date}.md")
+    atomic_write(path, text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        shutil.copy(path, args.out)
+    print("\n".join(head) + table)
+    print(f"\nwritten: {path}")
+    return dict(results=results, path=path, table=table)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # ---- what to run
     p.add_argument("--gpu", action="store_true", help="CUDA benchmark (tests, peaks, naive/ours/peers)")
     p.add_argument("--dry", action="store_true", help="with --gpu: run its orchestration at tiny sizes on CPU")
+    p.add_argument("--e2e", action="store_true", help="end to end: one RecPO step of train.py split into phases "
+                   "(rollout / reward / item encoding / forward / losses / backward / optimizer)")
     p.add_argument("--case", default=None, help="internal: run one CPU case op:impl:mode in this process")
     p.add_argument("--json", action="store_true", help="with --case: print the result as one JSON line")
     # ---- CPU sizes (catalog M x N, log-prob T x V, shared d)
@@ -660,10 +920,24 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=330, help="GPU: start no new size after this many seconds")
     p.add_argument("--ref-budget-s", type=float, default=45, help="GPU: give up an fp32 reference after this long")
     p.add_argument("--no-ref", action="store_true", help="GPU: skip the fp32 references (no error columns)")
+    # ---- end to end (--e2e)
+    p.add_argument("--dataset", default="synthetic", help="--e2e: train.py --dataset (synthetic | ml-100k | ...)")
+    p.add_argument("--steps", type=int, default=3, help="--e2e: timed steps per config, after 1 warm-up step")
+    p.add_argument("--device", default="auto", help="--e2e: train.py --device (auto | cpu | cuda[:i])")
+    p.add_argument("--e2e-configs", default="tiny,large", help="--e2e: comma list of configs: tiny (train.py "
+                   "defaults) and/or large (tiny + --e2e-large-args)")
+    p.add_argument("--e2e-large-args", default=None, help="--e2e: train.py flags of the large config, "
+                   f"written with '=' [default CPU: '{E2E_LARGE['cpu']}'; CUDA: '{E2E_LARGE['cuda']}']")
+    p.add_argument("--e2e-args", default="", help="--e2e: extra train.py flags for every config, "
+                   "written with '=': --e2e-args='--batch-size 8 --max-new-tokens 16'")
+    p.add_argument("--threads", type=int, default=0, help="--e2e: torch CPU threads (0 = torch's default); on a "
+                   "busy shared CPU, 1 avoids threads waiting on each other in the many small ops of a tiny model")
+    p.add_argument("--quiet", action="store_true", help="--e2e: no progress bars")
     # ---- output
     p.add_argument("--results-dir", default=os.path.join(ROOT, "bench", "results"), help="where results .md go")
     p.add_argument("--out", default=None, help="also copy the results table, JSON and full log into this dir")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)   # recorded in the --e2e results file
     try:
         if args.case:
             parts = args.case.split(":")
@@ -673,6 +947,10 @@ def main(argv=None):
                 dict(M=args.T, N=args.V, d=args.d)
             r = cpu_case(parts[0], parts[1], parts[2], dims, args.repeats)
             print(json.dumps(r) if args.json else r)
+        elif args.e2e:
+            if args.gpu or args.dry:
+                raise BenchError("--e2e runs on its own; pick the device with --device, not --gpu/--dry")
+            return e2e_main(args)
         elif args.gpu:
             gpu_main(args)
         else:

@@ -74,3 +74,45 @@ def test_gpu_dry_orchestration(tmp_path):
     for r in ours + [r for r in data["rows"] if r["impl"] == "naive"]:
         assert isinstance(r["fb_ms"], float) and r["err_fwd"] < 1e-5 and r["err_grad"] < 1e-5, r
     assert (out / "bench-log.txt").stat().st_size > 0
+
+
+def test_e2e_tiny_phases_sum_to_step(tmp_path):
+    """--e2e at a tiny size: every phase of train.py's step is seen, the phases account for the step time,
+    the results file ends with the table, and train.py's functions are restored afterwards."""
+    import recpo
+    import train
+    before = (train.decode, train.encode_items, recpo.compute_rewards, torch.Tensor.backward)
+    small = ("--synthetic-users 150 --synthetic-items 80 --history 8 --prompt-history 3 --tiny-layers 1 "
+             "--tiny-hidden 32 --tiny-heads 2 --tiny-vocab 512 --max-new-tokens 3 --num-generations 2 "
+             "--batch-size 8 --micro-batch-size 4 --item-negatives 16 --train-recent 0")
+    threads = torch.get_num_threads()
+    # --threads 1: tiny ops on a shared CPU, where thread hand-offs cost more than the work
+    out = bench.main(["--e2e", "--dataset", "synthetic", "--steps", "1", "--device", "cpu", "--quiet", "--threads",
+                      "1", "--e2e-configs", "tiny,large", "--e2e-args=" + small, "--e2e-large-args=--tiny-layers 2",
+                      "--results-dir", str(tmp_path)])
+    assert torch.get_num_threads() == threads
+    assert before == (train.decode, train.encode_items, recpo.compute_rewards, torch.Tensor.backward)
+    assert [r["name"] for r in out["results"]] == ["tiny", "large"]
+    for res in out["results"]:
+        (run,) = res["runs"]                                        # 1 timed step (the warm-up is dropped)
+        named = {k: v for k, v in run.items() if k not in ("step", "other")}
+        assert set(named) == {"rollout", "reward", "item encoding", "forward (tokens)", "losses", "backward",
+                              "optimizer"}, named
+        assert all(v > 0 for v in named.values())
+        # phases are disjoint slices of the step: their sum is at most the step, and misses only glue code
+        assert 0.7 * run["step"] <= sum(named.values()) <= run["step"] * 1.001 + 1e-3, run
+        assert res["refresh_ms"] > 0 and res["tokens"] > res["gen_tokens"] > 0 and res["items"] >= 16
+    assert out["results"][1]["n_params"] > out["results"][0]["n_params"]   # the larger config is larger
+    md = open(out["path"]).read()
+    assert os.path.basename(out["path"]).startswith("cpu-") and "-e2e-" in out["path"]
+    assert md.rstrip().splitlines()[-1].startswith("| large | table refresh")
+    assert "| tiny | **step** |" in md and "| large | backward |" in md
+
+
+def test_e2e_bad_flags_are_one_line_errors(capsys):
+    for argv, msg in ((["--e2e-configs", "huge"], "--e2e-configs"), (["--e2e-args=--no-such-flag"], "--e2e-args"),
+                      (["--dataset", "no-such-dataset"], "")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--e2e", "--quiet", "--device", "cpu"] + argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith("error: " + msg), err
