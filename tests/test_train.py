@@ -147,3 +147,23 @@ def test_cli_errors_are_one_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
     assert "Traceback" not in p.stderr
+
+
+def test_entropy_bonus_and_embedding_lr(tmp_path):
+    """--entropy-coef pushes the sampled reasoning's entropy the way its sign says (a negative coefficient is
+    an entropy *penalty*: the test's contrast); --embed-lr-mult puts the tied embedding / LM head in its own
+    AdamW group at lr x mult."""
+    kw = ("--max-steps", "12", "--eval-every", "0", "--no-test", "--kernels", "torch", "--lr", "1e-2",
+          "--warmup-steps", "1", "--embed-lr-mult", "1")
+    ent = {}
+    for coef in ("10", "-10"):
+        res, _ = run(tmp_path, *kw, "--entropy-coef", coef, name=f"e{coef}")
+        ent[coef] = res["log"][-1]["entropy"]
+    assert ent["10"] > ent["-10"] + 0.15, ent
+    cfg = T.resolve_config(SMALL + ["--embed-lr-mult", "0.25"])
+    ds = data.load_dataset("synthetic", history=8, num_users=150, num_items=80, verbose=False)
+    r, params, _ = T.build(cfg, ds, verbose=False)
+    groups = T.param_groups(r, params, cfg)
+    emb = [g for g in groups if any(p is r.lm_weight for p in g["params"])]
+    assert len(emb) == 1 and len(emb[0]["params"]) == 1 and emb[0]["lr_mult"] == 0.25
+    assert sum(len(g["params"]) for g in groups) == len(params)
