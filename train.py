@@ -745,13 +745,17 @@ def train(cfg):
     val = ds.valid
     val_idx = np.arange(len(val)) if not cfg["val_samples"] or cfg["val_samples"] >= len(val) else \
         np.sort(np.random.default_rng(cfg["seed"]).choice(len(val), cfg["val_samples"], replace=False))
-    print(ev.protocol_header(ds, "valid"))
+    val_header = ev.protocol_header(ds, "valid")
+    if len(val_idx) < len(val):   # say so in the header itself: these numbers are not over every sample
+        val_header = val_header.replace(f"({len(val):,} samples, all of them, no user cap)",
+                                        f"(fixed subset: {len(val_idx):,} of {len(val):,} samples, seed {cfg['seed']})")
+    print(val_header)
     if len(val_idx) < len(val):
         print(f"[eval] model selection uses a fixed subset of valid: {len(val_idx):,} of {len(val):,} samples "
               f"(seed {cfg['seed']}); the final test pass uses every test sample")
     pop_val = ev.format_table({"popularity (valid subset)": _popularity(ds, "valid", val_idx)})
     print(pop_val)
-    log({"config": cfg, "protocol_valid": ev.protocol_header(ds, "valid"), "val_samples": len(val_idx)})
+    log({"config": cfg, "protocol_valid": val_header, "val_samples": len(val_idx)})
 
     def run_eval(step):
         t0 = time.time()
@@ -784,7 +788,9 @@ def train(cfg):
     if step == 0 and extra is None and cfg["eval_every"] > 0:
         run_eval(0)   # the untrained model: a reference point, and the timing the budget needs
     step_times, stop, records = [], None, []
-    bar = tqdm(total=cfg["max_steps"], initial=step, desc="RecPO", disable=cfg["quiet"], unit="step")
+    # under a time budget the step count is unknown: no total, so tqdm shows no misleading ETA
+    bar = tqdm(total=None if budget > 0 else cfg["max_steps"], initial=step, desc="RecPO", disable=cfg["quiet"],
+               unit="step")
     while step < cfg["max_steps"]:
         if budget:
             est = (np.mean(step_times[-10:]) if step_times else 0) + final_cost()
