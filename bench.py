@@ -126,6 +126,18 @@ def fmt(x, spec=".1f"):
     return x if isinstance(x, str) else "-" if x is None else format(x, spec)
 
 
+def save_results(args, name, head, table):
+    """Write head + table to bench/results/<name> (atomic), copy it into --out, print it; returns the path."""
+    path = os.path.join(args.results_dir, name)
+    atomic_write(path, "\n".join(head) + table + "\n")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        shutil.copy(path, args.out)
+    print("\n".join(head) + table)
+    print(f"\nwritten: {path}")
+    return path
+
+
 # ----------------------------------------------------------------------------- CPU: one case per process
 def _status_kb(key):
     with open("/proc/self/status") as f:
@@ -280,14 +292,7 @@ def cpu_main(args):
             "threshold at 1 MiB so freed blocks leave the RSS; needed = exact bytes of inputs + outputs + "
             "grads. Shared machine: timings are noisy.", "", f"total wall time: {total_s:.0f} s; load average at the end: "
             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores", "", ""]
-    text = "\n".join(head) + table + "\n"
-    path = os.path.join(args.results_dir, f"cpu-{slug(cpu_model)}-{date}.md")
-    atomic_write(path, text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        shutil.copy(path, args.out)
-    print("\n".join(head) + table)
-    print(f"\nwritten: {path}")
+    save_results(args, f"cpu-{slug(cpu_model)}-{date}.md", head, table)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -884,14 +889,7 @@ def _e2e_main(args):
         f"total wall time: {time.time() - t_start:.0f} s; load average at the end: "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores", "", ""]
     table = e2e_table(results)
-    text = "\n".join(head) + table + "\n"
-    path = os.path.join(args.results_dir, f"{dslug}-e2e-{date}.md")
-    atomic_write(path, text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        shutil.copy(path, args.out)
-    print("\n".join(head) + table)
-    print(f"\nwritten: {path}")
+    path = save_results(args, f"{dslug}-e2e-{date}.md", head, table)
     return dict(results=results, path=path, table=table)
 
 

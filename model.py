@@ -349,6 +349,26 @@ class ItemTable:
         self.E[torch.as_tensor(ids, device=self.E.device).long()] = vecs.detach().float().to(self.E.device)
 
 
+def sample_next(logits, temperature=1.0, greedy=False, top_k=0, top_p=1.0, gen=None):
+    """One decoding step: logits [N, V] fp32 -> (token [N], its log-prob [N]). The log-prob is taken
+    under the full tempered softmax (no top-k / top-p truncation), which is what forward_both recomputes."""
+    z = logits / max(temperature, 1e-6)                            # [N, V]
+    logp_all = torch.log_softmax(z, -1)
+    if greedy:
+        tok = z.argmax(-1)
+    else:
+        if top_k and top_k < z.shape[-1]:
+            kth = z.topk(top_k, -1).values[:, -1:]
+            z = z.masked_fill(z < kth, float("-inf"))
+        if top_p < 1.0:   # nucleus: keep the smallest prefix of sorted probs reaching top_p
+            zs, zi = z.sort(-1, descending=True)
+            cum = zs.softmax(-1).cumsum(-1)
+            drop = (cum - zs.softmax(-1)) >= top_p
+            z = z.masked_fill(torch.zeros_like(drop).scatter(1, zi, drop), float("-inf"))
+        tok = torch.multinomial(z.softmax(-1), 1, generator=gen).squeeze(1)
+    return tok, logp_all.gather(1, tok[:, None]).squeeze(1)
+
+
 class R2ec:
     def __init__(self, model, tokenizer, dataset=None, tau=0.02, max_prompt_len=None, impl="auto"):
         self.model, self.tok, self.dataset, self.tau, self.impl = model, tokenizer, dataset, tau, impl
@@ -523,21 +543,7 @@ class R2ec:
         comps, lps = [[] for _ in range(N)], [[] for _ in range(N)]
         done, hit = [False] * N, [False] * N
         for _ in range(max_new_tokens):
-            z = self._logits(h) / max(temperature, 1e-6)           # [N, V] fp32
-            logp_all = torch.log_softmax(z, -1)
-            if greedy:
-                tok = z.argmax(-1)
-            else:
-                if top_k and top_k < z.shape[-1]:
-                    kth = z.topk(top_k, -1).values[:, -1:]
-                    z = z.masked_fill(z < kth, float("-inf"))
-                if top_p < 1.0:   # nucleus: keep the smallest prefix of sorted probs reaching top_p
-                    zs, zi = z.sort(-1, descending=True)
-                    cum = zs.softmax(-1).cumsum(-1)
-                    drop = (cum - zs.softmax(-1)) >= top_p
-                    z = z.masked_fill(torch.zeros_like(drop).scatter(1, zi, drop), float("-inf"))
-                tok = torch.multinomial(z.softmax(-1), 1, generator=gen).squeeze(1)
-            lp = logp_all.gather(1, tok[:, None]).squeeze(1)       # [N] under the untruncated softmax
+            tok, lp = sample_next(self._logits(h), temperature, greedy, top_k, top_p, gen)   # [N], [N]
             for i, (t, l) in enumerate(zip(tok.tolist(), lp.tolist())):
                 if done[i]:
                     continue

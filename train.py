@@ -344,15 +344,7 @@ def decode(r, prompts, G=1, greedy=True, temperature=1.0, top_k=0, max_new_token
     for _ in range(max_new_tokens):
         if all(done):
             break
-        z = r._logits(h) / max(temperature, 1e-6)                                      # [N, V] fp32
-        logp_all = torch.log_softmax(z, -1)
-        if greedy:
-            tok = z.argmax(-1)
-        else:
-            if top_k and top_k < z.shape[-1]:
-                z = z.masked_fill(z < z.topk(top_k, -1).values[:, -1:], float("-inf"))
-            tok = torch.multinomial(z.softmax(-1), 1, generator=gen).squeeze(1)        # [N]
-        lp = logp_all.gather(1, tok[:, None]).squeeze(1)   # under the untruncated softmax, as generate
+        tok, lp = M.sample_next(r._logits(h), temperature, greedy, top_k, 1.0, gen)   # [N], [N] as generate
         fed, closed = [False] * N, []
         for i, (t, l) in enumerate(zip(tok.tolist(), lp.tolist())):
             if done[i]:
