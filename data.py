@@ -65,8 +65,86 @@ DOMAINS = {
 }
 
 
-class DataError(Exception):
+# ----------------------------------------------------------------------------- shared helpers
+# Every CLI of the project (data, train, eval, baselines, bench) uses these: one user-error type,
+# one parser that prints `error: ...` on one line and exits 2, one slug, one atomic write.
+
+class UserError(Exception):
+    """A user-facing problem: CLIs print `error: <msg>` on one line and exit 2 (no traceback)."""
+
+
+class DataError(UserError):
     """A user-facing data problem: one line naming the file/line and what is wrong."""
+
+
+class CLIParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line `error: <prog>: ...` and exit code 2 (no usage dump)."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(fn, *args):
+    """Call fn(*args); a UserError becomes `error: <msg>` on stderr and exit code 2."""
+    try:
+        return fn(*args)
+    except UserError as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(kind, lo=None, lo_open=False, hi=None):
+    """argparse type: int/float in a range; the message names the accepted range."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
+            rng = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"{text} must be {rng}")
+        return v
+    parse.__name__ = kind.__name__   # argparse names the type in its messages
+    return parse
+
+
+pos_int, nonneg_int = _number(int, 1), _number(int, 0)
+pos_float, nonneg_float, unit_float = _number(float, 0, True), _number(float, 0), _number(float, 0, hi=1)
+
+
+def slug(name):
+    """A dataset name as a folder/file name: ml-100k -> ml-100k, csv:/a/b -> csv-a-b."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "dataset"
+
+
+def fsync_dir(path):
+    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, content):
+    """Write str/bytes to path via a fsynced temp file + rename: readers see the old or the new file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(d)
 
 
 def domain_for(name):
@@ -635,6 +713,14 @@ def load_dataset(name, data_dir=None, history=20, rebuild=False, verbose=True, s
     if verbose:
         print(format_stats(ds) + f"\n(built in {time.time() - t0:.1f}s: {path})")
     return ds
+
+
+def load_for_run(cfg, data_dir=None, verbose=True):
+    """The dataset of a run config (train.py's flags or a checkpoint's run_config.json)."""
+    kw = {"num_users": cfg["synthetic_users"], "num_items": cfg["synthetic_items"]} \
+        if cfg["dataset"] == "synthetic" else {}
+    return load_dataset(cfg["dataset"], data_dir=data_dir or cfg.get("data_dir"), history=cfg["history"],
+                        verbose=verbose, **kw)
 
 
 def format_stats(ds):
