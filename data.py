@@ -1,20 +1,21 @@
 """
-Data: raw interactions -> next-item samples, split in time order, cached (SPEC §1).
+Data: raw interactions -> next-item samples, split in time order, cached.
 
     python data.py --dataset synthetic                      # seeded toy data, < 2 s
     python data.py --dataset ml-100k                        # default real dataset
     python data.py --dataset amazon-2023:Video_Games --data-dir ~/amazon
     python data.py --dataset csv:path/to/dir                # your own data
 
-Protocol (SPEC §1): per user, interactions sorted by timestamp, ties broken by
+Protocol (the paper's experimental setup, arXiv 2505.16994 §4, as its reference code builds it):
+per user, interactions sorted by timestamp, ties broken by
 blake2b(user raw id, item raw id) (never by item-id order). Every interaction at position
 i >= 1 is a sample: history = the previous min(i, H) items, oldest first, left-padded with 0;
 target = item i. Samples are sorted globally by (target time, same tie key) and split
 80/10/10 in that order (train = first int(0.8 S), valid = up to int(0.9 S), test = rest).
 `--split loo` (leave-one-out: each user's last sample -> test, second-to-last -> valid) is an
 option, never the default. Item ids 1..N follow the sorted raw ids (numeric sort if every raw
-id is an integer); 0 is padding. The catalog is the set of items that have interactions.
-Timestamps are int64 unix seconds everywhere.
+id is an integer, of any size); 0 is padding. The catalog is the set of items that have
+interactions. Timestamps are int64 unix seconds everywhere.
 
 Data formats (what `--dataset` accepts):
 - `ml-100k`, `ml-1m`, `ml-latest-small`, ... (`--data-dir DIR` holding one of): MovieLens
@@ -31,14 +32,19 @@ Data formats (what `--dataset` accepts):
   3 months while it holds < 10,000 items (never before the data's start).
 - `csv:<dir>`: `interactions.csv` with header `user,item,timestamp[,rating]` (timestamp = unix
   seconds, int or float; rating optional, 0 = unknown) and `items.csv` with header
-  `item,title[,description]` (UTF-8, standard CSV quoting). Every interacted item must have a
-  non-empty title in items.csv; items without interactions are ignored (count printed).
-Bad input raises DataError with one line "file:line: problem"; the CLI prints it and exits 2.
+  `item,title[,description]` (UTF-8, standard CSV quoting; other columns are refused). Every
+  interacted item must have a non-empty title in items.csv; items without interactions are
+  ignored (count printed); a repeated identical item row is ignored, a conflicting one refused.
+Bad input raises DataError with one line "file:line: problem" (timestamps must fall in
+[1970, 2100) once in seconds; ratings must be finite numbers; every row has exactly the
+header's fields); the CLI prints it and exits 2, and nothing is written.
 Cache: data/<slug>/<key>/ (override the root with R2EC_DATA_ROOT or cache_dir=), keyed by the
-input files (name, size, mtime) and every protocol parameter; written to a temp dir, renamed.
+input files (path, size, blake2b of the bytes: an edit that keeps size and mtime still
+rebuilds) and every protocol parameter; written fsynced to `<key>.tmp<PID>`, then renamed.
+An unreadable cache is rebuilt (one notice line); leftovers of killed builds are removed.
 """
-import argparse, calendar, csv, datetime, gzip, hashlib, html, importlib.util, io, json, math, os
-import re, shutil, sys, time, urllib.request, zipfile, zlib
+import argparse, calendar, csv, datetime, gzip, hashlib, html, importlib.util, json, math, os
+import re, shutil, sys, time, zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,12 +54,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 AMAZON_WINDOW = ("2022-10-01", "2023-10-01")  # [start, end) UTC
 AMAZON_MIN_ITEMS = 10_000  # move the window start back 3 months while fewer items
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
-ML100K_SHA256 = None  # no verified checksum recorded -> automatic download refuses
+TIME_RANGE = (0, 4102444800)  # accepted timestamps, unix seconds: [1970-01-01, 2100-01-01)
+SYNTH_MAX = 1_000_000  # synthetic: most users / items (the generator is a Python loop)
 ML_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
              "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
              "Romance", "Sci-Fi", "Thriller", "War", "Western"]  # u.item flag order
 
-# Domain words used by the prompts (SPEC §2); looked up by longest name prefix.
+# Domain words used by model.py's prompts; looked up by longest name prefix.
 DOMAINS = {
     "": {"item": "item", "items": "items", "verb": "purchase"},
     "ml-": {"item": "movie", "items": "movies", "verb": "watch"},
@@ -223,6 +230,8 @@ def _rows(path, sep, encoding="utf-8"):
         raise DataError(f"{path}: not {encoding} text (wrong file or encoding?)") from None
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV ({e})") from None
+    except OSError as e:  # unreadable, a directory, I/O error
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def _num(s, path, ln, what):
@@ -235,23 +244,36 @@ def _num(s, path, ln, what):
     return v
 
 
-def _table(path, sep, cols, encoding="utf-8", header=True):
+def _table(path, sep, cols, encoding="utf-8", header=True, optional=None):
     """Yield (line number, {column: stripped value}). header=True: the first row names the
-    columns (RecBole 'name:type' cells too) and must contain `cols`; else `cols` are positional."""
+    columns (RecBole 'name:type' cells too) and must contain `cols`; with `optional` given, any
+    other column is refused. header=False: `cols` are positional. Every row has exactly as many
+    fields as the header: a longer row is an unquoted separator, not data to drop."""
     rows = _rows(path, sep, encoding)
     names = cols
     if header:
+        accepted = ",".join(cols) + "".join(f"[,{c}]" for c in optional or [])
         ln, row = next(rows, (None, None))
         if row is None:
-            raise DataError(f"{path}: file is empty")
+            raise DataError(f"{path}: file is empty (expected a header line: {accepted})")
         names = [c.split(":")[0].strip().lstrip("\ufeff") for c in row]
+        shown = ",".join(row)[:80]
         for col in cols:
             if col not in names:
-                raise DataError(f"{path}:{ln}: missing column '{col}' (header is {','.join(row)[:80]!r})")
+                raise DataError(f"{path}:{ln}: missing column '{col}' (header is {shown!r}; expected "
+                                f"a header line {accepted})")
+        dup = next((c for k, c in enumerate(names) if c in names[:k]), None)
+        if dup is not None:
+            raise DataError(f"{path}:{ln}: column '{dup}' appears twice in the header")
+        extra = [c for c in names if c not in cols and c not in (optional or [])]
+        if optional is not None and extra:
+            raise DataError(f"{path}:{ln}: unknown column '{extra[0]}' (accepted header: {accepted})")
     for ln, f in rows:
-        if len(f) < len(names):
+        if len(f) != len(names):
+            why = "truncated row or wrong format?" if len(f) < len(names) else \
+                "a separator inside an unquoted field?" if sep == "csv" else "wrong format?"
             raise DataError(f"{path}:{ln}: expected {len(names)} fields ({','.join(names[:6])}), "
-                            f"got {len(f)} (truncated row or wrong format?)")
+                            f"got {len(f)} ({why})")
         yield ln, {k: v.strip() for k, v in zip(names, f)}
 
 
@@ -261,27 +283,50 @@ def _item(raw_id, title, description="", average_rating=None, rating_number=None
 
 
 class Raw:
-    """Parsed interactions (one entry per row) + item metadata keyed by raw id."""
-    def __init__(self, path, meta_path, filters=None):
-        self.path, self.meta_path, self.filters = path, meta_path, filters or {}
+    """Parsed interactions (one entry per row) + item metadata keyed by raw id.
+    time_unit: timestamp units per second in the file (Amazon: 1000, ms); stored as read."""
+    def __init__(self, path, meta_path, filters=None, time_unit=1):
+        self.path, self.meta_path, self.filters, self.time_unit = path, meta_path, filters or {}, time_unit
         self.users, self.items, self.ratings, self.times, self.lines, self.meta = [], [], [], [], [], {}
+        self.meta_lines = {}
 
     def add(self, ln, user, item, rating, ts):
+        if not user or not item:
+            raise DataError(f"{self.path}:{ln}: empty {'user' if not user else 'item'} id")
+        r = _num(rating, self.path, ln, "rating")
+        if abs(r) > 3.4e38:  # stored as float32
+            raise DataError(f"{self.path}:{ln}: rating {rating!r} is out of range")
+        t = _num(ts, self.path, ln, "timestamp")
+        if not TIME_RANGE[0] <= t / self.time_unit < TIME_RANGE[1]:
+            unit = "unix milliseconds" if self.time_unit == 1000 else "unix seconds"
+            ms = self.time_unit == 1 and TIME_RANGE[0] <= t / 1000 < TIME_RANGE[1]
+            raise DataError(f"{self.path}:{ln}: timestamp {ts!r} is not a date in [1970, 2100) "
+                            f"(expected {unit}{'; this looks like milliseconds' if ms else ''})")
         self.users.append(user); self.items.append(item); self.lines.append(ln)
-        self.ratings.append(_num(rating, self.path, ln, "rating"))
-        self.times.append(int(_num(ts, self.path, ln, "timestamp")))
+        self.ratings.append(r); self.times.append(int(t))
 
     def put(self, ln, iid, title, description=""):
-        if iid in self.meta:
-            raise DataError(f"{self.meta_path}:{ln}: duplicate item id {iid!r}")
+        if not iid:
+            raise DataError(f"{self.meta_path}:{ln}: empty item id")
         if not title:
             raise DataError(f"{self.meta_path}:{ln}: empty title for item {iid!r}")
-        self.meta[iid] = _item(iid, title, description)
+        if iid in self.meta:
+            old = self.meta[iid]
+            if (old["title"], old["description"]) != (title, description):
+                raise DataError(f"{self.meta_path}:{ln}: item {iid!r} repeats line {self.meta_lines[iid]} "
+                                f"with a different title or description ({title[:40]!r} vs "
+                                f"{old['title'][:40]!r})")
+            k = "repeated identical item rows (ignored)"
+            self.filters[k] = self.filters.get(k, 0) + 1
+            return
+        self.meta[iid], self.meta_lines[iid] = _item(iid, title, description), ln
 
     def check(self):
         """Every interacted item must be in the metadata (MovieLens/csv refuse; Amazon filters)."""
         if not self.items:
             raise DataError(f"{self.path}: no interactions (empty file?)")
+        if not self.meta:
+            raise DataError(f"{self.meta_path}: no items (empty file?)")
         missing = [k for k, it in enumerate(self.items) if it not in self.meta]
         if missing:
             k = missing[0]
@@ -301,36 +346,47 @@ def _genres(names):
     return "Genres: " + ", ".join(names) + "." if names else ""
 
 
-def _movielens(d, name):
-    """Detect and parse one of the MovieLens layouts in directory d."""
+def _movielens_files(d, name):
+    """(layout, interactions file, item file) of the MovieLens copy in directory d."""
     j = lambda f: os.path.join(d, f)
-    UIRT = ["user", "item", "rating", "timestamp"]
     if os.path.isfile(j("u.data")) or os.path.isfile(j("u.item")):
-        raw = Raw(j("u.data"), j("u.item"))
+        return "u.data", j("u.data"), j("u.item")
+    if os.path.isfile(j("ratings.dat")):
+        return "dat", j("ratings.dat"), j("movies.dat")
+    if os.path.isfile(j("ratings.csv")):
+        return "csv", j("ratings.csv"), j("movies.csv")
+    try:
+        cands = [x for x in sorted(os.listdir(d)) if x.endswith(".inter")]
+    except OSError as e:
+        raise DataError(f"{d}: cannot list the folder ({e.strerror or e})") from None
+    if not cands:
+        raise DataError(f"{d}: no MovieLens files (expected u.data+u.item, ratings.dat+movies.dat, "
+                        f"ratings.csv+movies.csv, or RecBole {name}.inter+{name}.item)")
+    base = f"{name}.inter" if f"{name}.inter" in cands else cands[0]
+    return "recbole", j(base), j(base[:-6] + ".item")
+
+
+def _movielens(layout, path, meta_path):
+    """Parse one of the MovieLens layouts (see _movielens_files)."""
+    UIRT = ["user", "item", "rating", "timestamp"]
+    raw = Raw(path, meta_path)
+    if layout == "u.data":
         for ln, r in _table(raw.path, "\t", UIRT, header=False):
             raw.add(ln, r["user"], r["item"], r["rating"], r["timestamp"])
         for ln, r in _table(raw.meta_path, "|", ["id", "title", "date", "video", "url"] + ML_GENRES,
                             "latin-1", header=False):
             raw.put(ln, r["id"], r["title"], _genres([g for g in ML_GENRES if r[g] == "1"]))
-    elif os.path.isfile(j("ratings.dat")):
-        raw = Raw(j("ratings.dat"), j("movies.dat"))
+    elif layout == "dat":
         for ln, r in _table(raw.path, "::", UIRT, "latin-1", header=False):
             raw.add(ln, r["user"], r["item"], r["rating"], r["timestamp"])
         for ln, r in _table(raw.meta_path, "::", ["id", "title", "genres"], "latin-1", header=False):
             raw.put(ln, r["id"], r["title"], _genres(r["genres"].split("|")))
-    elif os.path.isfile(j("ratings.csv")):
-        raw = Raw(j("ratings.csv"), j("movies.csv"))
+    elif layout == "csv":
         for ln, r in _table(raw.path, "csv", ["userId", "movieId", "rating", "timestamp"]):
             raw.add(ln, r["userId"], r["movieId"], r["rating"], r["timestamp"])
         for ln, r in _table(raw.meta_path, "csv", ["movieId", "title"]):
             raw.put(ln, r["movieId"], r["title"], _genres(r.get("genres", "").split("|")))
     else:
-        cands = [x for x in sorted(os.listdir(d)) if x.endswith(".inter")] if os.path.isdir(d) else []
-        if not cands:
-            raise DataError(f"{d}: no MovieLens files (expected u.data+u.item, ratings.dat+movies.dat, "
-                            f"ratings.csv+movies.csv, or RecBole {name}.inter+{name}.item)")
-        base = f"{name}.inter" if f"{name}.inter" in cands else cands[0]
-        raw = Raw(j(base), j(base[:-6] + ".item"))
         for ln, r in _table(raw.path, "\t", ["user_id", "item_id", "timestamp"]):
             raw.add(ln, r["user_id"], r["item_id"], r.get("rating", 0), r["timestamp"])
         for ln, r in _table(raw.meta_path, "\t", ["item_id"]):
@@ -350,28 +406,6 @@ def _recbole_dir(name):
     return None
 
 
-def _download_ml100k(dest):
-    """Fetch the official archive, verify its sha256, unpack u.data/u.item into dest."""
-    if ML100K_SHA256 is None:
-        return None  # refuse: we cannot verify what we would download
-    try:
-        with urllib.request.urlopen(ML100K_URL, timeout=30) as r:
-            blob = r.read()
-    except OSError:
-        return None  # offline
-    if hashlib.sha256(blob).hexdigest() != ML100K_SHA256:
-        raise DataError(f"{ML100K_URL}: sha256 mismatch, refusing the download")
-    tmp = dest + f".tmp{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    with zipfile.ZipFile(io.BytesIO(blob)) as z:
-        for f in ("u.data", "u.item"):
-            with open(os.path.join(tmp, f), "wb") as out:
-                out.write(z.read(f"ml-100k/{f}"))
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    os.replace(tmp, dest)
-    return dest
-
-
 def _clean(s):
     """HTML-unescape, strip tags, non-ASCII -> spaces, collapse whitespace."""
     s = re.sub(r"<[^>]*>", " ", html.unescape(s))
@@ -383,7 +417,7 @@ AMAZON_FILTERS = ["items without metadata", "title missing", "title contains '<s
 
 
 def _amazon_problem(o):
-    """Which SPEC §1 item filter removes metadata object o (None = keep)."""
+    """Which of the documented item filters removes metadata object o (None = keep)."""
     t = o.get("title")
     if not isinstance(t, str) or not t.strip():
         return "title missing"
@@ -400,8 +434,8 @@ def _amazon_problem(o):
     return None if ok else "price missing or not a number"
 
 
-def _amazon(cat, d, verbose):
-    from tqdm import tqdm
+def _amazon_files(cat, d):
+    """The ratings and metadata files of category `cat` in directory d (plain or .gz)."""
     pick = lambda base: next((os.path.join(d, base + z) for z in ("", ".gz")
                               if os.path.isfile(os.path.join(d, base + z))), None)
     url = "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_2023"
@@ -409,7 +443,17 @@ def _amazon(cat, d, verbose):
                     (f"meta_{cat}.jsonl", f"{url}/raw/meta_categories/meta_{cat}.jsonl.gz")):
         if pick(base) is None:
             raise DataError(f"{d}: missing {base}[.gz]; download {u} into it")
-    raw = Raw(pick(f"{cat}.csv"), pick(f"meta_{cat}.jsonl"), dict.fromkeys(AMAZON_FILTERS, 0))
+    return pick(f"{cat}.csv"), pick(f"meta_{cat}.jsonl")
+
+
+def _finite(x):
+    """A JSON number that is finite (not bool, NaN or Infinity), else None."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _amazon(path, meta_path, verbose):
+    from tqdm import tqdm
+    raw = Raw(path, meta_path, dict.fromkeys(AMAZON_FILTERS, 0), time_unit=1000)
     bar = lambda it, p: tqdm(it, desc=f"read {os.path.basename(p)}", disable=not verbose, mininterval=2)
     for ln, r in bar(_table(raw.path, "csv", ["user_id", "parent_asin", "rating", "timestamp"]), raw.path):
         raw.add(ln, r["user_id"], r["parent_asin"], r["rating"], r["timestamp"])
@@ -431,10 +475,9 @@ def _amazon(cat, d, verbose):
             continue
         desc = o.get("description") or []
         paras = dict.fromkeys(x for x in map(_clean, map(str, desc if isinstance(desc, list) else [desc])) if x)
-        ar, rn = o.get("average_rating"), o.get("rating_number")
+        ar, rn = _finite(o.get("average_rating")), _finite(o.get("rating_number"))
         raw.meta[a] = _item(a, _clean(o["title"]), " ".join(" ".join(paras).split()[:100]),
-                            float(ar) if isinstance(ar, (int, float)) else None,
-                            int(rn) if isinstance(rn, (int, float)) else None)
+                            ar, None if rn is None else int(rn))
     drop["items without metadata"] = len(needed) - len(raw.meta) - len(rejected)
     items, ts = np.asarray(raw.items), np.asarray(raw.times, np.int64) // 1000  # ms -> s
     keep = np.fromiter((a in raw.meta for a in raw.items), bool, len(items))
@@ -464,9 +507,9 @@ def _amazon(cat, d, verbose):
 
 def _csv(d):
     raw = Raw(os.path.join(d, "interactions.csv"), os.path.join(d, "items.csv"))
-    for ln, r in _table(raw.path, "csv", ["user", "item", "timestamp"]):
+    for ln, r in _table(raw.path, "csv", ["user", "item", "timestamp"], optional=["rating"]):
         raw.add(ln, r["user"], r["item"], r.get("rating", 0), r["timestamp"])
-    for ln, r in _table(raw.meta_path, "csv", ["item", "title"]):
+    for ln, r in _table(raw.meta_path, "csv", ["item", "title"], optional=["description"]):
         raw.put(ln, r["item"], r["title"], r.get("description", ""))
     return raw.check()
 
@@ -478,6 +521,21 @@ NOUN = ["Harbor", "Empire", "Garden", "River", "Promise", "Frontier", "Mirror", 
         "Orchard", "Highway", "Lantern", "Canyon", "Circus", "Tide", "Station", "Letter", "Forest",
         "Engine", "Island"]
 GENRES = ["drama", "comedy", "thriller", "romance", "sci-fi", "western", "horror", "documentary"]
+SYNTH_MIN_ITEMS = 2 * len(GENRES)  # every genre cycle needs >= 2 items
+
+
+def _synthetic_params(kw):
+    """--num-users/--num-items/--seed of the synthetic data, checked (None = the default)."""
+    p = {}
+    for k, default, lo, hi, flag in (("num_users", 600, 1, SYNTH_MAX, "--num-users"),
+                                     ("num_items", 400, SYNTH_MIN_ITEMS, SYNTH_MAX, "--num-items"),
+                                     ("seed", 0, 0, 2**63 - 1, "--seed")):
+        v = kw.get(k)
+        v = default if v is None else v
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+            raise DataError(f"synthetic: {flag} {v!r} must be an integer in [{lo:,}, {hi:,}]")
+        p[k] = int(v)
+    return p
 
 
 def _synthetic(num_users=600, num_items=400, seed=0):
@@ -486,8 +544,6 @@ def _synthetic(num_users=600, num_items=400, seed=0):
     a popular item otherwise. A sequence model can learn ~60% hits; popularity cannot."""
     rng = np.random.default_rng(seed)
     N, U, G = num_items, num_users, len(GENRES)
-    if N < 2 * G or U < 1:
-        raise DataError(f"synthetic: need --num-items >= {2 * G} and --num-users >= 1")
     genre = rng.permutation(np.arange(N) % G)
     succ = np.empty(N, np.int64)
     for g in range(G):
@@ -539,10 +595,13 @@ def _synthetic(num_users=600, num_items=400, seed=0):
 # ----------------------------------------------------------------------------- samples
 
 def _index(raw_ids):
-    """Unique raw ids in sorted order (numeric if all are integers) and each entry's 0-based code."""
+    """Unique raw ids in sorted order (numeric if all are integers) and each entry's 0-based code.
+    Numeric order uses Python ints, so ids beyond int64 sort correctly instead of overflowing
+    (ids over 4,000 digits, which Python will not convert, keep string order)."""
     uniq, codes = np.unique(np.asarray(raw_ids, dtype=str), return_inverse=True)
-    if all(re.fullmatch(r"-?\d+", s) for s in uniq.tolist()):
-        order = np.argsort(uniq.astype(np.int64), kind="stable")
+    ids = uniq.tolist()
+    if all(re.fullmatch(r"-?\d{1,4000}", s) for s in ids):
+        order = np.array(sorted(range(len(ids)), key=lambda k: int(ids[k])), np.int64)  # stable
         rank = np.empty_like(order); rank[order] = np.arange(len(order))
         uniq, codes = uniq[order], rank[codes]
     return uniq.tolist(), codes.reshape(-1).astype(np.int64)
@@ -552,6 +611,13 @@ def tie_key(user_raw, item_raw):
     """Stable 63-bit hash of (user, item) raw ids: breaks timestamp ties without item-id order."""
     h = hashlib.blake2b(f"{user_raw}\x1f{item_raw}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
+
+
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return 0
 
 
 def _build(raw, H, split):
@@ -571,6 +637,10 @@ def _build(raw, H, split):
     j = j[np.lexsort((tie[j], t[j]))]  # global order: target time, then tie key (stable)
     if not len(j):
         raise DataError(f"{raw.path}: no samples (every user has fewer than 2 interactions)")
+    need, mem = len(j) * H * 48, _physical_memory()  # [S,H] arrays + temporaries, bytes
+    if mem and need > mem // 2:
+        raise DataError(f"--history {H}: {len(j):,} samples x {H} would need ~{need / 2**30:,.0f} GiB "
+                        f"(this machine has {mem / 2**30:,.0f} GiB); use a smaller --history")
     off = np.arange(H, 0, -1)  # column c holds the interaction `H - c` steps back
     idx = j[:, None] - off[None, :]  # [S,H]
     ok = off[None, :] <= pos[j][:, None]
@@ -610,43 +680,38 @@ def _build(raw, H, split):
 # ----------------------------------------------------------------------------- cache + entry point
 
 def _resolve(name, data_dir, kw, verbose):
-    """-> (slug, input files for the cache key, parse function)."""
+    """-> (slug, input files for the cache key, synthetic parameters, parse function).
+    Everything checkable without parsing is checked here, before any folder is created."""
+    data_dir = os.path.expanduser(data_dir) if data_dir else None
     if name == "synthetic":
-        p = {"num_users": int(kw.get("num_users") or 600), "num_items": int(kw.get("num_items") or 400),
-             "seed": int(kw.get("seed") or 0)}
-        return f"synthetic-u{p['num_users']}-i{p['num_items']}-s{p['seed']}", [json.dumps(p)], \
-            lambda: _synthetic(**p)
+        p = _synthetic_params(kw)
+        return f"synthetic-u{p['num_users']}-i{p['num_items']}-s{p['seed']}", [], p, lambda: _synthetic(**p)
     if name.startswith("ml-"):
         d = data_dir or _recbole_dir(name)
-        local = os.path.join(_root(kw), name, "raw")
-        if d is None and os.path.isfile(os.path.join(local, "u.data")):
-            d = local
-        if d is None and name == "ml-100k":
-            d = _download_ml100k(local)
         if d is None:
-            note = "" if ML100K_SHA256 or name != "ml-100k" else \
-                " (automatic download is disabled: no verified sha256 of ml-100k.zip is recorded)"
             raise DataError(f"{name} not found: run `pip install --no-deps recbole==1.2.1`, or pass "
-                            f"--data-dir DIR with u.data and u.item from {ML100K_URL}{note}"
+                            f"--data-dir DIR with u.data and u.item from {ML100K_URL}"
                             if name == "ml-100k" else
                             f"{name} not found: unzip https://files.grouplens.org/datasets/movielens/"
                             f"{name}.zip and pass --data-dir DIR")
         if not os.path.isdir(d):
             raise DataError(f"--data-dir {d}: not a directory")
-        return name, [os.path.join(d, f) for f in sorted(os.listdir(d))], lambda: _movielens(d, name)
+        layout, path, meta = _movielens_files(d, name)
+        return name, [path, meta], None, lambda: _movielens(layout, path, meta)
     if name.startswith("amazon-2023:") and len(name) > 12:
         cat = name.split(":", 1)[1]
         if not data_dir or not os.path.isdir(data_dir):
             raise DataError(f"{name}: pass --data-dir DIR holding {cat}.csv.gz and meta_{cat}.jsonl.gz "
                             f"(https://amazon-reviews-2023.github.io)")
-        files = [os.path.join(data_dir, f) for f in sorted(os.listdir(data_dir)) if cat in f]
-        return f"amazon-2023_{cat}", files, lambda: _amazon(cat, data_dir, verbose)
+        path, meta = _amazon_files(cat, data_dir)
+        return f"amazon-2023_{cat}", [path, meta], None, lambda: _amazon(path, meta, verbose)
     if name.startswith("csv:") and len(name) > 4:
         d = os.path.abspath(os.path.expanduser(name[4:]))
         if not os.path.isdir(d):
             raise DataError(f"{name}: directory {d} not found")
         slug = f"csv_{os.path.basename(d)}_{hashlib.sha1(d.encode()).hexdigest()[:8]}"
-        return slug, [os.path.join(d, "interactions.csv"), os.path.join(d, "items.csv")], lambda: _csv(d)
+        return slug, [os.path.join(d, "interactions.csv"), os.path.join(d, "items.csv")], None, \
+            lambda: _csv(d)
     raise DataError(f"unknown dataset '{name}' (choose synthetic, ml-100k, ml-1m, "
                     f"amazon-2023:<Category>, or csv:<dir>)")
 
@@ -655,61 +720,141 @@ def _root(kw):
     return kw.get("cache_dir") or os.environ.get("R2EC_DATA_ROOT") or os.path.join(ROOT, "data")
 
 
-def _fingerprint(f):
-    if not os.path.exists(f):
-        return f
-    st = os.stat(f)
-    return [os.path.abspath(f), st.st_size, st.st_mtime_ns]
+def _fingerprint(path):
+    """[path, size, blake2b of the bytes] of an input file, read in 1 MiB blocks (ml-100k ~5 ms, about
+    1-2 s per GB): unlike size + mtime, it changes on an edit whose mtime was restored (cp -p, rsync -t,
+    tar), so a stale cache is never read."""
+    h, size = hashlib.blake2b(digest_size=16), 0
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+                size += len(block)
+    except OSError:  # missing or unreadable: the parser reports it
+        return [os.path.abspath(path), None]
+    return [os.path.abspath(path), size, h.hexdigest()]
+
+
+def _pid_alive(pid):
+    """Whether process `pid` exists (our own counts; unknown = alive, so nothing is removed)."""
+    if os.name != "posix" or pid == os.getpid():
+        return True  # (on Windows os.kill(pid, 0) would terminate the process)
+    if not 0 < pid < 2**31:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _remove_leftovers(base):
+    """Remove `<key>.tmp<PID>` / `<key>.old<PID>` folders of builds that were killed. Only those
+    whose PID is no longer a live process: a concurrent build's temp folder is never touched."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for n in names:
+        m = re.fullmatch(r"[0-9a-f]{16}\.(?:tmp|old)(\d{1,12})", n)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(base, n), ignore_errors=True)
+
+
+def _read_cache(path, name, key, history):
+    """The Dataset cached in `path`; any missing/truncated/inconsistent file raises."""
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(path, "items.json")) as f:
+        items = json.load(f)
+    with np.load(os.path.join(path, "arrays.npz")) as z:  # allow_pickle=False: plain arrays only
+        splits = {s: Split(**{f: z[f"{s}__{f}"] for f in FIELDS}) for s in SPLITS}
+    if meta["key"] != key or len(items) != meta["num_items"] + 1:
+        raise ValueError("meta.json does not match the key or items.json")
+    for s, sp in splits.items():
+        if sp.hist.shape != (len(sp), history) or any(len(getattr(sp, f)) != len(sp) for f in FIELDS):
+            raise ValueError(f"{s} arrays have inconsistent shapes")
+    return Dataset(name, meta["num_items"], meta["num_users"], items, meta["domain"], **splits,
+                   stats=meta["stats"], history=history)
+
+
+def _write_synced(path, write):
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_cache(path, key, ds, replace):
+    """Write ds into `<path>.tmp<PID>` (every file fsynced), then rename it to `path` in one step:
+    readers see no cache or a whole one. replace: move an existing `path` aside first."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    meta = {"name": ds.name, "num_items": ds.num_items, "num_users": ds.num_users, "key": key,
+            "domain": ds.domain, "stats": ds.stats}
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        _write_synced(os.path.join(tmp, "arrays.npz"), lambda f: np.savez(
+            f, **{f"{s}__{x}": getattr(ds.split(s), x) for s in SPLITS for x in FIELDS}))
+        _write_synced(os.path.join(tmp, "items.json"), lambda f: f.write(json.dumps(ds.items).encode()))
+        _write_synced(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        fsync_dir(tmp)
+        if replace and os.path.isdir(path):
+            old = f"{path}.old{os.getpid()}"
+            try:
+                os.rename(path, old)
+            except OSError:
+                pass  # another process moved it first
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not os.path.isfile(os.path.join(path, "meta.json")):
+                raise
+            # else another process finished the same build first: keep its copy
+        fsync_dir(os.path.dirname(path))
+    except OSError as e:
+        raise DataError(f"cache folder {os.path.dirname(path)}: cannot write ({e.strerror or e}); "
+                        f"point R2EC_DATA_ROOT at a writable folder") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; removed on any failure
 
 
 def load_dataset(name, data_dir=None, history=20, rebuild=False, verbose=True, split="temporal", **kw):
     """Build (or load from cache) the dataset `name`; see the module docstring for sources."""
-    if int(history) < 1:
-        raise DataError(f"--history {history}: must be >= 1")
+    if isinstance(history, bool) or not isinstance(history, (int, np.integer)) or history < 1:
+        raise DataError(f"--history {history!r}: must be an integer >= 1")
     if split not in ("temporal", "loo"):
         raise DataError(f"--split {split}: choose temporal or loo")
     history = int(history)
-    slug, files, parse = _resolve(name, data_dir, kw, verbose)
+    slug, files, params, parse = _resolve(str(name), data_dir, kw, verbose)
     proto = {"version": PROTOCOL_VERSION, "name": name, "history": history, "split": split,
              "amazon_window": list(AMAZON_WINDOW), "amazon_min_items": AMAZON_MIN_ITEMS}
-    key = hashlib.sha256(json.dumps([proto, [_fingerprint(f) for f in files]]).encode()).hexdigest()[:16]
+    inputs = [proto, params, [_fingerprint(f) for f in files]]  # each input file's bytes hashed once
+    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
     base = os.path.join(_root(kw), re.sub(r"[^A-Za-z0-9._-]", "_", slug))
     path = os.path.join(base, key)
-    if not rebuild and os.path.isfile(os.path.join(path, "meta.json")):
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-        with open(os.path.join(path, "items.json")) as f:
-            items = json.load(f)
-        with np.load(os.path.join(path, "arrays.npz")) as z:
-            splits = {s: Split(**{f: z[f"{s}__{f}"] for f in FIELDS}) for s in SPLITS}
-        ds = Dataset(name, meta["num_items"], meta["num_users"], items, meta["domain"], **splits,
-                     stats=meta["stats"], history=history)
-        if verbose:
-            print(format_stats(ds) + f"\n(cached: {path})")
-        return ds
+    _remove_leftovers(base)
+    if not rebuild and os.path.isdir(path):
+        try:
+            ds = _read_cache(path, name, key, history)
+        except Exception as e:  # any damage to a cache we wrote (truncated, edited, lost) -> rebuild
+            why = (str(e).splitlines() or [""])[0][:160]
+            print(f"notice: cache {path} was unreadable ({type(e).__name__}: {why}); rebuilding",
+                  file=sys.stderr)
+            rebuild = True
+        else:
+            if verbose:
+                print(format_stats(ds) + f"\n(cached: {path})")
+            return ds
     t0 = time.time()
     num_users, items, splits, stats = _build(parse(), history, split)
     stats["protocol"] = proto
     ds = Dataset(name, len(items) - 1, num_users, items, domain_for(name), **splits, stats=stats,
                  history=history)
-    tmp = f"{path}.tmp{os.getpid()}"  # never read: only a finished dir is renamed to `path`
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    np.savez(os.path.join(tmp, "arrays.npz"),
-             **{f"{s}__{f}": getattr(splits[s], f) for s in SPLITS for f in FIELDS})
-    with open(os.path.join(tmp, "items.json"), "w") as f:
-        json.dump(items, f)
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"name": name, "num_items": ds.num_items, "num_users": num_users, "key": key,
-                   "domain": ds.domain, "stats": stats}, f, indent=1)
-    if os.path.isdir(path) and (rebuild or not os.path.isfile(os.path.join(path, "meta.json"))):
-        old = f"{path}.old{os.getpid()}"
-        os.rename(path, old)
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process finished the same build first
-        shutil.rmtree(tmp, ignore_errors=True)
+    _write_cache(path, key, ds, replace=rebuild)
     if verbose:
         print(format_stats(ds) + f"\n(built in {time.time() - t0:.1f}s: {path})")
     return ds
@@ -743,24 +888,23 @@ def format_stats(ds):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Prepare a dataset (SPEC §1) and print its statistics.")
+    ap = CLIParser(description="Prepare a dataset (the paper's protocol, arXiv 2505.16994 §4 setup) "
+                               "and print its statistics.")
     ap.add_argument("--dataset", default="ml-100k",
                     help="synthetic | ml-100k | ml-1m | amazon-2023:<Category> | csv:<dir>")
     ap.add_argument("--data-dir", default=None, help="directory holding the raw files")
-    ap.add_argument("--history", type=int, default=20, help="history window H")
+    ap.add_argument("--history", type=pos_int, default=20, help="history window H: the most recent items a sample keeps")
     ap.add_argument("--split", default="temporal", choices=["temporal", "loo"],
-                    help="temporal 80/10/10 (default, SPEC) or leave-one-out")
+                    help="temporal 80/10/10 by target time (default, the paper's setup) or leave-one-out")
     ap.add_argument("--rebuild", action="store_true", help="ignore the cache and rebuild")
-    ap.add_argument("--num-users", type=int, default=600, help="synthetic: number of users")
-    ap.add_argument("--num-items", type=int, default=400, help="synthetic: number of items")
-    ap.add_argument("--seed", type=int, default=0, help="synthetic: random seed")
+    # synthetic data
+    ap.add_argument("--num-users", type=pos_int, default=600, help="synthetic: number of users")
+    ap.add_argument("--num-items", type=pos_int, default=400,
+                    help=f"synthetic: number of items (>= {SYNTH_MIN_ITEMS})")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="synthetic: random seed")
     args = ap.parse_args(argv)
-    try:
-        load_dataset(args.dataset, args.data_dir, args.history, args.rebuild, split=args.split,
-                     num_users=args.num_users, num_items=args.num_items, seed=args.seed)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(lambda: load_dataset(args.dataset, args.data_dir, args.history, args.rebuild, split=args.split,
+                                 num_users=args.num_users, num_items=args.num_items, seed=args.seed))
 
 
 if __name__ == "__main__":

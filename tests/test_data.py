@@ -1,14 +1,14 @@
-"""data.py: SPEC §1 protocol, leakage guards, every source from fixture files, bad inputs, cache."""
+"""data.py: the sample/split protocol, leakage guards, every source from fixture files, bad inputs
+(one-line errors, nothing written), cache (content-keyed, self-repairing)."""
 import csv
 import gzip
 import hashlib
-import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
-import zipfile
 
 import numpy as np
 import pytest
@@ -57,7 +57,7 @@ def make_csv_dir(d, rows, titles=None, order=None):
 
 
 def reference_samples(rows, H):
-    """Independent re-implementation of SPEC §1 (temporal split) with raw ids, in pure Python."""
+    """Independent re-implementation of the protocol (temporal split) with raw ids, in pure Python."""
     key = lambda u, i: int.from_bytes(hashlib.blake2b(f"{u}\x1f{i}".encode(), digest_size=8).digest(),
                                       "little") >> 1
     by_user = {}
@@ -376,6 +376,7 @@ def bad_csv(tmp_path, inter, items="item,title\nx,T1\ny,T2\n"):
     return f"csv:{d}"
 
 
+UIT, UITR = "user,item,timestamp\n", "user,item,timestamp,rating\n"  # interactions.csv headers
 CSV_CASES = [  # (interactions.csv, items.csv, expected fragments)
     ("user,item,timestamp\na,x,1\na,y\n", None, ["interactions.csv:3", "truncated"]),
     ("user,item\na,x\n", None, ["interactions.csv:1", "missing column 'timestamp'"]),
@@ -384,8 +385,35 @@ CSV_CASES = [  # (interactions.csv, items.csv, expected fragments)
     ("user,item,timestamp\na,x,1\na,q,2\nb,q,3\n", None, ["interactions.csv:3", "2 interactions", "'q'"]),
     ("user,item,timestamp\na,x,1\n", "item,title\nx,\n", ["items.csv:2", "empty title"]),
     ("user,item,timestamp\na,x,1\nb,y,2\n", None, ["no samples"]),
-    ("", None, ["interactions.csv", "empty"]),
+    ("", None, ["interactions.csv", "empty", "user,item,timestamp[,rating]"]),
     (None, None, None),  # not UTF-8 (bytes written below)
+    # timestamps outside [1970, 2100) in seconds
+    (UIT + "a,x,1\na,y,1e17\n", None, ["interactions.csv:3", "timestamp '1e17'", "[1970, 2100)"]),
+    ("user,item,timestamp\na,x,1e30\na,y,2\n", None, ["interactions.csv:2", "timestamp '1e30'"]),
+    ("user,item,timestamp\na,x,-5\na,y,2\n", None, ["interactions.csv:2", "timestamp '-5'"]),
+    (UIT + "a,x,1600000000000\na,y,2\n", None, ["interactions.csv:2", "looks like milliseconds"]),
+    # ratings: not a number / NaN / inf / beyond float32
+    (UITR + "a,x,1,3\na,y,2,nan\n", None, ["interactions.csv:3", "rating 'nan' is not finite"]),
+    (UITR + "a,x,1,-inf\na,y,2,3\n", None, ["interactions.csv:2", "rating '-inf' is not finite"]),
+    (UITR + "a,x,1,1e39\na,y,2,3\n", None, ["interactions.csv:2", "rating '1e39'", "range"]),
+    # headers: unknown column (named, accepted header shown), repeated column, no header at all
+    ("user,item,timestamp,genre\na,x,1,g\na,y,2,g\n", None,
+     ["interactions.csv:1", "unknown column 'genre'", "accepted header: user,item,timestamp[,rating]"]),
+    ("user,item,timestamp\na,x,1\na,y,2\n", "item,title,year\nx,T,1\ny,U,2\n",
+     ["items.csv:1", "unknown column 'year'", "accepted header: item,title[,description]"]),
+    (UIT[:-1] + ",user\na,x,1,b\na,y,2,b\n", None, ["interactions.csv:1", "column 'user' appears twice"]),
+    ("a,x,1\na,y,2\n", None, ["interactions.csv:1", "missing column 'user'", "expected a header line"]),
+    ("user,item,timestamp\na,x,1\na,y,2\n", "x,T1\ny,T2\n", ["items.csv:1", "missing column 'item'"]),
+    # items.csv: empty, header only, conflicting repeated row, unquoted comma, empty id
+    ("user,item,timestamp\na,x,1\na,y,2\n", "\n", ["items.csv", "file is empty", "item,title"]),
+    ("user,item,timestamp\na,x,1\na,y,2\n", "item,title\n", ["items.csv", "no items"]),
+    ("user,item,timestamp\na,x,1\na,y,2\n", "item,title\nx,T1\ny,T2\nx,Other\n",
+     ["items.csv:4", "item 'x' repeats line 2 with a different title"]),
+    ("user,item,timestamp\na,x,1\na,y,2\n", "item,title\nx,Hello, World\ny,T2\n",
+     ["items.csv:2", "expected 2 fields", "got 3", "unquoted"]),
+    (UIT + "a,,1\na,y,2\n", "item,title\n,T1\ny,T2\n", ["interactions.csv:2", "empty item id"]),
+    ("user,item,timestamp\n,x,1\na,y,2\n", None, ["interactions.csv:2", "empty user id"]),
+    ("user,item,timestamp\na,x,1,2\na,y,2\n", None, ["interactions.csv:2", "expected 3 fields", "got 4"]),
 ]
 
 
@@ -404,6 +432,26 @@ def test_bad_csv_inputs(tmp_path, case):
         load_dataset(name, verbose=False)
     msg = str(e.value)
     assert "\n" not in msg and all(f.lower() in msg.lower() for f in frags), msg
+    assert not os.path.exists(os.environ["R2EC_DATA_ROOT"])  # nothing written
+
+
+def test_identical_repeated_item_row_is_ignored(tmp_path):
+    name = bad_csv(tmp_path, "user,item,timestamp\na,x,1\na,y,2\n", "item,title\nx,T1\ny,T2\nx,T1\n")
+    ds = load_dataset(name, verbose=False)
+    assert ds.titles == ["", "T1", "T2"]
+    assert ds.stats["filters"] == {"repeated identical item rows (ignored)": 1}
+
+
+def test_integer_ids_beyond_int64_sort_numerically(tmp_path):
+    big = str(2**64 + 5)  # int64 overflowed here before
+    name = bad_csv(tmp_path, f"user,item,timestamp\n{big},{big},1\n{big},7,2\n-3,7,3\n-3,{big},4\n",
+                   f"item,title\n{big},Big\n7,Seven\n")
+    ds = load_dataset(name, verbose=False)
+    assert [it["raw_id"] for it in ds.items[1:]] == ["7", big] and ds.num_users == 2
+    ids, codes = data._index(["10", "9", big, "-" + big, "9"])
+    assert ids == ["-" + big, "9", "10", big] and codes.tolist() == [2, 1, 3, 0, 1]
+    ids, _ = data._index(["1" * 5000, "2"])  # too long for int(): string order, no crash
+    assert ids == ["1" * 5000, "2"]
 
 
 def test_bad_movielens_and_amazon_inputs(tmp_path):
@@ -415,6 +463,12 @@ def test_bad_movielens_and_amazon_inputs(tmp_path):
     write_udata(d)
     (d / "u.data").write_text("1,1,5,881250949\n")  # wrong format (comma-separated)
     with pytest.raises(DataError, match=r"u\.data:1:"):
+        load_dataset("ml-100k", data_dir=str(d), verbose=False)
+    (d / "u.data").write_text("1\t1\t5\t881250949\t7\n")  # a fifth field
+    with pytest.raises(DataError, match=r"u\.data:1: expected 4 fields \(.*\), got 5"):
+        load_dataset("ml-100k", data_dir=str(d), verbose=False)
+    (d / "u.data").write_text("1\t1\t5\t881250949\n1\t2\t5\t1e30\n")
+    with pytest.raises(DataError, match=r"u\.data:2: timestamp '1e30' is not a date in \[1970, 2100\)"):
         load_dataset("ml-100k", data_dir=str(d), verbose=False)
     write_udata(d)
     (d / "u.data").write_text("1\t99\t5\t881250949\n")
@@ -444,6 +498,11 @@ def test_bad_movielens_and_amazon_inputs(tmp_path):
     write_amazon(am, extra_rows=[("U4", "A1", "x", 1)])
     with pytest.raises(DataError, match=r"Video_Games\.csv\.gz:16: rating 'x' is not a number"):
         load_dataset("amazon-2023:Video_Games", data_dir=str(am), verbose=False)
+    for ts in (10**16, -1000):  # ms: year ~318,000 and 1969
+        write_amazon(am, extra_rows=[("U4", "A1", 5.0, ts)])
+        with pytest.raises(DataError, match=rf"Video_Games\.csv\.gz:16: timestamp '{ts}' is not a date "
+                                            r"in \[1970, 2100\) \(expected unix milliseconds\)"):
+            load_dataset("amazon-2023:Video_Games", data_dir=str(am), verbose=False)
     e = tmp_path / "empty"
     os.makedirs(e)
     with gzip.open(e / "Video_Games.csv.gz", "wt") as f:
@@ -458,28 +517,46 @@ def test_bad_movielens_and_amazon_inputs(tmp_path):
         load_dataset("imagenet", verbose=False)
 
 
+def test_amazon_non_finite_metadata_numbers(tmp_path):
+    am = tmp_path / "am"
+    write_amazon(am, gz=False)
+    meta = (am / "meta_Video_Games.jsonl").read_text().splitlines()
+    meta[0] = json.dumps({"parent_asin": "A1", "title": "Super Game", "price": 1,
+                          "average_rating": float("nan"), "rating_number": float("inf")})  # NaN, Infinity
+    (am / "meta_Video_Games.jsonl").write_text("\n".join(meta) + "\n")
+    ds = load_dataset("amazon-2023:Video_Games", data_dir=str(am), verbose=False)
+    assert ds.items[1]["title"] == "Super Game"
+    assert ds.items[1]["average_rating"] is None and ds.items[1]["rating_number"] is None
+
+
+def test_synthetic_sizes_are_checked_not_replaced(cache_root):
+    for kw, frag in (({"num_users": 0}, "--num-users 0 must be an integer in [1,"),
+                     ({"num_items": 0}, "--num-items 0 must be an integer in [16,"),
+                     ({"num_items": 15}, "--num-items 15"), ({"seed": -1}, "--seed -1"),
+                     ({"num_users": 2.5}, "--num-users 2.5")):
+        with pytest.raises(DataError, match=re.escape(frag)):
+            load_dataset("synthetic", verbose=False, **kw)
+    with pytest.raises(DataError, match="--history 0: must be an integer >= 1"):
+        load_dataset("synthetic", history=0, verbose=False)
+    assert not cache_root.exists()
+    ds = load_dataset("synthetic", num_users=1, num_items=16, verbose=False)  # the smallest accepted
+    assert ds.num_users == 1 and ds.num_items <= 16
+    assert load_dataset("synthetic", num_users=None, verbose=False).num_users == 600  # None = default
+
+
+def test_history_too_large_for_memory(monkeypatch, cache_root):
+    monkeypatch.setattr(data, "_physical_memory", lambda: 2**30)
+    with pytest.raises(DataError, match=r"--history 100000: .* samples x 100000 would need .* smaller"):
+        load_dataset("synthetic", num_users=20, num_items=16, history=100_000, verbose=False)
+    assert not cache_root.exists()
+
+
 def test_ml100k_without_source_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "_recbole_dir", lambda name: None)
     with pytest.raises(DataError) as e:
         load_dataset("ml-100k", verbose=False)
     assert "pip install --no-deps recbole==1.2.1" in str(e.value) and "--data-dir" in str(e.value)
     assert "\n" not in str(e.value)
-
-
-def test_ml100k_download_checks_sha256(monkeypatch, tmp_path):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("ml-100k/u.data", "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in UDATA))
-        z.writestr("ml-100k/u.item", ("\n".join(UITEM) + "\n").encode("latin-1"))
-    (tmp_path / "ml.zip").write_bytes(buf.getvalue())
-    monkeypatch.setattr(data, "_recbole_dir", lambda name: None)
-    monkeypatch.setattr(data, "ML100K_URL", (tmp_path / "ml.zip").as_uri())  # file://, no network
-    monkeypatch.setattr(data, "ML100K_SHA256", "0" * 64)
-    with pytest.raises(DataError, match="sha256 mismatch"):
-        load_dataset("ml-100k", verbose=False)
-    monkeypatch.setattr(data, "ML100K_SHA256", hashlib.sha256(buf.getvalue()).hexdigest())
-    ds = load_dataset("ml-100k", verbose=False)
-    assert ds.num_items == 3 and ds.titles[1] == "Crimson Harbor (1987)"
 
 
 def run_cli(*args, env_root):
@@ -490,11 +567,19 @@ def run_cli(*args, env_root):
 
 def test_cli_errors_exit_2_one_line(tmp_path, cache_root):
     name = bad_csv(tmp_path, "user,item,timestamp\na,x,1\na,y,soon\n")
-    for args in (["--dataset", name], ["--dataset", "nope"], ["--dataset", "synthetic", "--history", "0"]):
+    cases = [(["--dataset", name], "interactions.csv:3: timestamp 'soon'"),
+             (["--dataset", "nope"], "unknown dataset 'nope'"),
+             (["--dataset", "synthetic", "--history", "0"], "--history: 0 must be >= 1"),
+             (["--dataset", "synthetic", "--num-users", "0"], "--num-users: 0 must be >= 1"),
+             (["--dataset", "synthetic", "--num-items", "3"], "--num-items 3 must be an integer in [16,"),
+             (["--dataset", "synthetic", "--seed", "-1"], "--seed: -1 must be >= 0"),
+             (["--dataset", "ml-1m", "--data-dir", str(tmp_path / "missing")], "not a directory")]
+    for args, frag in cases:
         r = run_cli(*args, env_root=cache_root)
         assert r.returncode == 2, r.stderr
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    assert "interactions.csv:3: timestamp 'soon'" in run_cli("--dataset", name, env_root=cache_root).stderr
+        assert frag in r.stderr, r.stderr
+    assert not cache_root.exists() and not (tmp_path / "missing").exists()  # no folder created
     r = run_cli("--dataset", "synthetic", "--num-users", "50", "--num-items", "40", env_root=cache_root)
     assert r.returncode == 0 and "users 50 | items 40" in r.stdout and "train" in r.stdout
 
@@ -534,13 +619,80 @@ def test_cache_round_trip_and_protocol_rebuild(tmp_path, cache_root, monkeypatch
     assert "built in" in capsys.readouterr().out and ds.stats["interactions"] == len(rows) - 3
 
 
-def test_half_written_cache_is_ignored(cache_root):
-    load_dataset("synthetic", num_users=40, num_items=30, verbose=False)
+def test_same_size_edit_with_restored_mtime_rebuilds(tmp_path, capsys):
+    d = tmp_path / "c"
+    rows = random_interactions(seed=4)
+    name = make_csv_dir(d, rows, titles={"i3": "Title AAA"})
+    k = lambda ds: [it.get("raw_id") for it in ds.items].index("i3")
+    ds = load_dataset(name)
+    assert ds.titles[k(ds)] == "Title AAA"
+    items = d / "items.csv"
+    st = os.stat(items)
+    items.write_bytes(items.read_bytes().replace(b"Title AAA", b"Title BBB"))  # same size
+    os.utime(items, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p / rsync -t / tar leave it
+    assert os.stat(items).st_size == st.st_size and os.stat(items).st_mtime_ns == st.st_mtime_ns
+    capsys.readouterr()
+    ds = load_dataset(name)
+    assert "built in" in capsys.readouterr().out and ds.titles[k(ds)] == "Title BBB"
+    os.utime(items, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touch alone: same bytes, cached
+    ds = load_dataset(name)
+    assert ds.titles[k(ds)] == "Title BBB" and "(cached" in capsys.readouterr().out
+
+
+CORRUPT = {  # file -> how a killed write or a bad disk leaves it
+    "arrays.npz": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "meta.json": lambda p: p.write_text(p.read_text()[:-40]),
+    "items.json": lambda p: p.write_text("[{}]"),  # valid JSON, wrong length
+}
+
+
+@pytest.mark.parametrize("what", list(CORRUPT) + ["meta key", "missing file"])
+def test_unreadable_cache_rebuilds_with_notice(cache_root, capsys, what):
+    kw = dict(num_users=40, num_items=30, verbose=False)
+    a = load_dataset("synthetic", **kw)
     base = cache_root / "synthetic-u40-i30-s0"
     (key,) = os.listdir(base)
-    os.remove(base / key / "meta.json")  # as if the write had stopped before the last file
-    ds = load_dataset("synthetic", num_users=40, num_items=30, verbose=False)
-    assert ds.num_users == 40 and (base / key / "meta.json").exists()
+    if what in CORRUPT:
+        CORRUPT[what](base / key / what)
+    elif what == "meta key":
+        meta = json.loads((base / key / "meta.json").read_text())
+        del meta["stats"]
+        (base / key / "meta.json").write_text(json.dumps(meta))
+    else:
+        os.remove(base / key / "meta.json")  # as if a file had been lost
+    capsys.readouterr()
+    b = load_dataset("synthetic", **kw)
+    err = capsys.readouterr().err
+    assert err.startswith(f"notice: cache {base / key} was unreadable (") and err.endswith("); rebuilding\n")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    for s in data.SPLITS:
+        for f in data.FIELDS:
+            np.testing.assert_array_equal(getattr(a.split(s), f), getattr(b.split(s), f))
+    assert a.items == b.items and os.listdir(base) == [key]
+    load_dataset("synthetic", **kw)  # repaired: read quietly
+    assert capsys.readouterr().err == ""
+
+
+def test_leftovers_of_killed_builds_are_removed(cache_root):
+    kw = dict(num_users=40, num_items=30, verbose=False)
+    load_dataset("synthetic", **kw)
+    base = cache_root / "synthetic-u40-i30-s0"
+    (key,) = os.listdir(base)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is now free (reuse within the test is vanishingly unlikely)
+    live = os.getppid()
+    for n in (f"{key}.tmp{dead.pid}", f"{key}.old{dead.pid}", f"{'0' * 16}.tmp{dead.pid}",
+              f"{key}.tmp{live}", "notes"):
+        os.makedirs(base / n / "x")
+    load_dataset("synthetic", **kw)
+    assert sorted(os.listdir(base)) == sorted([key, f"{key}.tmp{live}", "notes"])  # live build kept
+
+
+def test_unwritable_cache_root_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("R2EC_DATA_ROOT", str(tmp_path / "file"))
+    with pytest.raises(DataError, match=r"cache folder .*file.*: cannot write \(.*\); point R2EC_DATA_ROOT"):
+        load_dataset("synthetic", num_users=5, num_items=16, verbose=False)
 
 
 # ----------------------------------------------------------------------------- real data
