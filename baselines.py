@@ -2,8 +2,8 @@
 
     python baselines.py --dataset ml-100k          # ~3-5 min on 2 CPU cores
 
-- popularity: rank every item by how often it is a target in the TRAIN split (nothing from valid/test).
-  Many items share a count; the pessimistic tie rule of eval.py puts the target after all of them.
+- popularity (eval.evaluate_popularity): rank every item by how often it is a target in the TRAIN split
+  (nothing from valid/test). Many items share a count; the pessimistic tie rule puts the target after them.
 - SASRec (Kang & McAuley 2018), small and hand-written: item + learned position embeddings, causal
   self-attention blocks, next-item prediction at every position, full-softmax cross-entropy over all
   items with the item table tied as the output layer; early stopping on valid NDCG@10.
@@ -20,14 +20,10 @@ slot, as in training) and the last position's hidden state is scored against the
 
 Writes the table as json to out/baselines/<dataset-slug>.json so train.py can print SASRec beside R2ec.
 """
-import argparse
 import copy
 import json
 import math
 import os
-import re
-import sys
-import tempfile
 import time
 
 import numpy as np
@@ -40,27 +36,8 @@ import data
 import eval as ev
 
 
-class BaselineError(Exception):
+class BaselineError(data.UserError):
     """User-facing error: main() prints `error: <msg>` and exits 2."""
-
-
-# --------------------------------------------------------------------------------------------------
-# popularity
-
-
-def popularity_counts(dataset):
-    """float32 [N+1] target counts over the train split (index = item id, [0] = padding = 0)."""
-    c = np.bincount(dataset.train.target, minlength=dataset.num_items + 1)[: dataset.num_items + 1]
-    return c.astype(np.float32)
-
-
-def evaluate_popularity(dataset, split_name, batch_size=1024, verbose=True, header=None, impl="auto"):
-    # scores = counts: H = ones [B,1], E = counts [N+1,1]; integer counts are exact in fp32, so ties
-    # (equal counts) stay ties and the pessimistic rule decides them.
-    E = torch.from_numpy(popularity_counts(dataset))[:, None]                         # [N+1, 1]
-    return ev.evaluate(dataset, split_name, lambda idx: torch.ones(len(idx), 1), E,
-                       batch_size=batch_size, desc=f"popularity {split_name}", verbose=verbose,
-                       header=header, impl=impl)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,29 +176,9 @@ def train_sasrec(dataset, d=64, n_blocks=2, n_heads=1, dropout=0.2, lr=1e-3, wei
 # CLI
 
 
-def slug(name):
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "dataset"
-
-
-def write_json_atomic(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BaselineError(f"baselines.py: --device {name} asked for but CUDA is not available; use --device cpu")
-    return name
-
-
 def run(args):
     t0 = time.time()
-    device = pick_device(args.device)
+    device = ev.pick_device(args.device)
     if device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     dataset = data.load_dataset(args.dataset, data_dir=args.data_dir, history=args.history)
@@ -234,57 +191,51 @@ def run(args):
     results, rows = {}, {}
     for split in ("valid", "test"):
         print(ev.protocol_header(dataset, split))
-        results[split] = {"popularity": evaluate_popularity(dataset, split, header=False, impl=args.impl),
+        results[split] = {"popularity": ev.evaluate_popularity(dataset, split, header=False, impl=args.impl),
                           "sasrec": evaluate_sasrec(model, dataset, split, device, header=False,
                                                     impl=args.impl)}
         rows[f"popularity ({split})"] = results[split]["popularity"]
         rows[f"SASRec ({split})"] = results[split]["sasrec"]
     print(ev.format_table(rows))
-    out = os.path.join(args.out_dir, slug(dataset.name) + ".json")
-    write_json_atomic(out, {
+    out = os.path.join(args.out_dir, data.slug(dataset.name) + ".json")
+    data.atomic_write(out, json.dumps({
         "dataset": dataset.name, "protocol": {s: ev.protocol_header(dataset, s) for s in results},
         "valid": results["valid"], "test": results["test"], "table": ev.format_table(rows),
         "sasrec": {k: v for k, v in log.items()}, "args": vars(args), "device": device,
-        "seconds": round(time.time() - t0, 1)})
+        "seconds": round(time.time() - t0, 1)}, indent=1))
     print(f"wrote {out} ({time.time() - t0:.0f}s total)")
     return results
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Popularity and SASRec baselines under the eval.py protocol.")
+    p = data.CLIParser(description="Popularity and SASRec baselines under the eval.py protocol.")
     # data
     p.add_argument("--dataset", default="ml-100k", help="dataset name, as for data.py (ml-100k, synthetic, ...)")
     p.add_argument("--data-dir", default=None, help="folder with the raw dataset files (see data.py)")
-    p.add_argument("--history", type=int, default=20, help="history window H (SPEC §1)")
+    p.add_argument("--history", type=data.pos_int, default=20, help="history window H of the samples [paper: 20]")
     # SASRec
-    p.add_argument("--dim", type=int, default=64, help="SASRec hidden size")
-    p.add_argument("--blocks", type=int, default=2, help="SASRec self-attention blocks")
-    p.add_argument("--heads", type=int, default=1, help="attention heads (must divide --dim)")
-    p.add_argument("--dropout", type=float, default=0.2, help="dropout on embeddings and blocks")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
-    p.add_argument("--batch-size", type=int, default=128, help="training sequences per step")
-    p.add_argument("--epochs", type=int, default=40, help="max epochs (each predicts every train interaction ~once)")
-    p.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better valid NDCG@10")
+    p.add_argument("--dim", type=data.pos_int, default=64, help="SASRec hidden size")
+    p.add_argument("--blocks", type=data.pos_int, default=2, help="SASRec self-attention blocks")
+    p.add_argument("--heads", type=data.pos_int, default=1, help="attention heads (must divide --dim)")
+    p.add_argument("--dropout", type=data.unit_float, default=0.2, help="dropout on embeddings and blocks")
+    p.add_argument("--lr", type=data.pos_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=data.nonneg_float, default=0.0, help="Adam weight decay")
+    p.add_argument("--batch-size", type=data.pos_int, default=128, help="training sequences per step")
+    p.add_argument("--epochs", type=data.pos_int, default=40, help="max epochs (each predicts every train interaction ~once)")
+    p.add_argument("--patience", type=data.nonneg_int, default=5, help="stop after this many epochs without a better valid NDCG@10")
     # run
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=data.nonneg_int, default=1,
                    help="CPU threads for torch (0 = torch's default). 1 is the robust choice for this "
                         "small model: on an oversubscribed machine extra OpenMP threads stall every op")
     p.add_argument("--impl", default="auto", choices=["auto", "triton", "torch", "reference"],
                    help="catalog ranking path for evaluation (kernels/catalog.py); all give the same ranks")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=data.nonneg_int, default=0, help="random seed")
     p.add_argument("--out-dir", default="out/baselines", help="where the json table goes")
     args = p.parse_args(argv)
-    try:
-        if args.dim < 1 or args.heads < 1 or args.dim % args.heads:
-            raise BaselineError(f"baselines.py: --heads {args.heads} must divide --dim {args.dim}")
-        if args.epochs < 1 or args.batch_size < 1 or args.history < 1:
-            raise BaselineError("baselines.py: --epochs, --batch-size and --history must be >= 1")
-        run(args)
-    except (BaselineError, ev.EvalError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if args.dim % args.heads:
+        p.error(f"--heads {args.heads} must divide --dim {args.dim}")
+    data.run_cli(run, args)
 
 
 if __name__ == "__main__":

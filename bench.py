@@ -27,12 +27,11 @@ history ids per row (+ padding column 0); the peers' rows mask nothing. Bring th
     pip install --no-index --no-deps --target /tmp/site .whl/*.whl                    # GPU machine
     PYTHONPATH=/tmp/site python bench.py --gpu
 
-End to end (--e2e): train.py's own loop body (rollout_step + update_step, built with train.build from
-train.resolve_config's flags, 'auto' values resolved for the device) for a tiny and a larger config; while it
-runs, train.py/recpo's inner calls are wrapped by timers, so each step splits into rollout (train.decode),
-reward (recpo.compute_rewards + advantages: the catalog kernel), item encoding (train.encode_items with grad),
-forward (train.forward_both_shared: log-prob kernel), losses, backward (Tensor.backward), optimizer (clip +
-AdamW), other (the rest); plus one full item-table refresh timed outside the step. 1 warm-up step, then
+End to end (--e2e): train.py's own loop body (train.rollout + train.update, built with train.build from
+train.resolve_config's flags) for a tiny and a larger config; train.Phases times each step's rollout
+(model.R2ec.decode), reward (recpo.compute_rewards + advantages: the catalog kernel), item encoding (with grad),
+forward (model.R2ec.forward_both: log-prob kernel), losses, backward, optimizer (clip + AdamW), other (the rest),
+exactly as train.py logs them (phases_s); plus one full item-table refresh timed outside the step. 1 warm-up step, then
 --steps timed steps, medians. Writes bench/results/<device>-e2e-<date>.md.
     python bench.py --e2e --threads 1                       # synthetic, tiny + 4x256 on CPU (~1 min on a busy
                                                             # 2-core CPU; torch's 2 default threads: ~3.5 min)
@@ -543,7 +542,7 @@ def gpu_table(rows, peak, dtype_name):
         out.append(f"| {r['op']} | {r['label']} | {r['impl']} | {fmt(r.get('fwd_ms'), '.2f')} | "
                    f"{fmt(r.get('fb_ms'), '.2f')} | {cells[0]} | {cells[1]} | {ratio} | {gib(r.get('fwd_peak'))} | "
                    f"{gib(r.get('fb_peak'))} | {fmt(r.get('err_fwd'), '.1e')} | {fmt(r.get('err_grad'), '.1e')} | {note} |")
-    out += ["", "Checks at the large sizes (issue 7): ours fwd+bwd >= 2x faster than naive, peak <= 1/10 of naive, "
+    out += ["", "Checks at the large sizes: ours fwd+bwd >= 2x faster than naive, peak <= 1/10 of naive, "
             "within 1.3x of the fastest peer:"]
     for op in ("catalog", "logprob"):
         rs = [r for r in rows if r["op"] == op and r["label"] == "large"]
@@ -653,71 +652,23 @@ def _gpu_main(args, dev, dtype, dtype_name, impl, sizes):
 
 
 # ----------------------------------------------------------------------------- end to end: one RecPO step
-# train.py's own step (rollout_step + update_step), with its inner calls wrapped by timers for the duration
-# of the benchmark: (phase, module, function name, what the phase holds). The order is the order of a step.
+# train.py's own step (train.rollout + train.update), whose phases model.Phases times (the same numbers
+# train.py logs as phases_s). The order is the order of a step.
 E2E_PHASES = [
-    ("rollout", "train", "decode", "G sampled reasoning chains per user + h_T: prompt prefill, KV cache "
-     "repeated G times, one decode step per token (train.decode)"),
-    ("reward", "recpo", "compute_rewards", "full-catalog scores of every h_T against the item table, history "
-     "masked (kernels.catalog via recpo.compute_rewards) + group advantages"),
-    ("reward", "recpo", "compute_advantages", None),
-    ("item encoding", "train", "encode_items", "the micro-batch's target items (+ sampled negatives) "
-     "re-encoded WITH grad, forward only (train.encode_items); their backward is in 'backward'"),
-    ("forward (tokens)", "train", "forward_both_shared", "policy forward over prompt + completion, prompt "
-     "shared by its G chains; token log-probs + entropy (kernels.logprobs)"),
-    ("losses", "recpo", "token_loss", "clipped token loss + item loss (in-batch / sampled / full softmax) "
-     "+ the logged pi(v+) (recpo)"),
-    ("losses", "recpo", "item_loss", None),
-    ("losses", "recpo", "item_logprobs", None),
-    ("backward", "torch", "Tensor.backward", "one backward through token forward, item encoder and both "
-     "losses (per micro-batch)"),
-    ("optimizer", "torch", "nn.utils.clip_grad_norm_", "grad-norm clipping + AdamW step + zero_grad"),
+    ("rollout", "G sampled reasoning chains per user + h_T: prompt prefill, KV cache repeated G times, one "
+     "decode step per token (model.R2ec.decode)"),
+    ("reward", "full-catalog scores of every h_T against the item table, history masked (kernels.catalog via "
+     "recpo.compute_rewards) + group advantages"),
+    ("item encoding", "the micro-batch's target items (+ sampled negatives) re-encoded WITH grad, forward only "
+     "(model.R2ec.encode_items); their backward is in 'backward'"),
+    ("forward (tokens)", "policy forward over prompt + completion, prompt shared by its G chains; token "
+     "log-probs + entropy (model.R2ec.forward_both, kernels.logprobs)"),
+    ("losses", "clipped token loss + item loss (in-batch / sampled / full softmax) (recpo)"),
+    ("backward", "one backward through token forward, item encoder and both losses (per micro-batch)"),
+    ("optimizer", "grad-norm clipping + AdamW step + zero_grad"),
 ]
 E2E_LARGE = {"cpu": "--tiny-layers 4 --tiny-hidden 256 --tiny-heads 4",
              "cuda": "--tiny-layers 8 --tiny-hidden 1024 --tiny-heads 16"}
-
-
-class PhaseTimer:
-    """Wraps functions so each call adds its wall time to a phase. Only the outermost timed call counts
-    (a wrapped function called inside another, e.g. item_logprobs inside item_loss, stays in the outer
-    phase). CUDA: synchronize at both ends, so a phase owns the kernels it launched."""
-
-    def __init__(self, cuda):
-        self.ms, self.active, self.cuda = {}, None, cuda
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def wrap(self, phase, fn):
-        def timed(*a, **k):
-            if self.active is not None:
-                return fn(*a, **k)
-            self.sync()
-            self.active, t0 = phase, time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.sync()
-                self.ms[phase] = self.ms.get(phase, 0.0) + (time.perf_counter() - t0) * 1e3
-                self.active = None
-        return timed
-
-
-class _patched:
-    """Context manager: setattr(obj, name, new) for each triple, restored on exit (even on errors)."""
-
-    def __init__(self, triples):
-        self.triples, self.saved = triples, []
-
-    def __enter__(self):
-        for obj, name, new in self.triples:
-            self.saved.append((obj, name, getattr(obj, name)))
-            setattr(obj, name, new)
-
-    def __exit__(self, *exc):
-        for obj, name, old in reversed(self.saved):
-            setattr(obj, name, old)
 
 
 def machine_name(dev):
@@ -731,7 +682,7 @@ def machine_name(dev):
 
 
 def e2e_config(args, name, train_mod):
-    """train.py's resolved config for one benchmarked config (exactly train.py's flags and 'auto' rules)."""
+    """train.py's resolved config for one benchmarked config (exactly train.py's flags and presets)."""
     import shlex
     dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     size = "" if name == "tiny" else (args.e2e_large_args if args.e2e_large_args is not None
@@ -740,52 +691,40 @@ def e2e_config(args, name, train_mod):
             "--max-steps", str(args.steps + 1)] + shlex.split(args.e2e_args) + shlex.split(size)
     try:
         return train_mod.resolve_config(argv), " ".join(shlex.split(args.e2e_args) + shlex.split(size))
-    except SystemExit:   # argparse already printed its one-line usage error
+    except SystemExit:   # the parser already printed its one-line error
         raise BenchError(f"--e2e-args / --e2e-large-args: not valid train.py flags: {' '.join(argv)}")
 
 
-def e2e_one(name, cfg, ds, steps, train_mod, recpo_mod, quiet=False):
+def e2e_one(name, cfg, ds, steps, train_mod, quiet=False):
     """Warm-up step, then `steps` timed RecPO steps of train.py's loop body + one timed table refresh.
     -> dict(config, per-step phase ms lists, step ms list, refresh ms, token counts)."""
+    import model
     torch.manual_seed(cfg["seed"])
     r, params, _ = train_mod.build(cfg, ds, verbose=False)
     opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.99), weight_decay=cfg["weight_decay"])
     cuda = cfg["device"].startswith("cuda")
-    timer = PhaseTimer(cuda)
-    mods = {"train": train_mod, "recpo": recpo_mod}
-    triples = [(mods[m], fn, timer.wrap(ph, getattr(mods[m], fn))) for ph, m, fn, _ in E2E_PHASES if m != "torch"]
-    triples += [(torch.Tensor, "backward", timer.wrap("backward", torch.Tensor.backward)),
-                (torch.nn.utils, "clip_grad_norm_", timer.wrap("optimizer", torch.nn.utils.clip_grad_norm_)),
-                (opt, "step", timer.wrap("optimizer", opt.step)),
-                (opt, "zero_grad", timer.wrap("optimizer", opt.zero_grad))]
     # the full table re-encode train.py runs before its first step, then every --item-refresh steps: timed here
-    timer.sync()
-    t0 = time.perf_counter()
-    train_mod.refresh_items(r, cfg["item_batch_size"])
-    timer.sync()
-    refresh = (time.perf_counter() - t0) * 1e3
+    ph = model.Phases(cuda)
+    with ph("refresh"):
+        r.refresh_items(cfg["item_batch_size"])
+    refresh = ph.s["refresh"] * 1e3
     runs, tokens, gen_tokens, items = [], [], [], []
-    with _patched(triples):
-        for step in tqdm(range(steps + 1), desc=f"e2e {name} (1 warm-up + {steps})", file=sys.stderr,
-                         disable=quiet):
-            timer.ms = {}
-            timer.sync()
-            t0 = time.perf_counter()
-            batch = train_mod.rollout_step(r, ds, cfg, step)
-            train_mod.update_step(r, cfg, batch, opt, params, train_mod.lr_at(step, cfg))
-            timer.sync()
-            total = (time.perf_counter() - t0) * 1e3
-            if step == 0:
-                continue   # warm-up: allocator, thread pools, (CUDA) kernel compilation
-            ph = dict(timer.ms)
-            ph["other"] = total - sum(ph.values())
-            runs.append(dict(step=total, **ph))
-            ro = batch["ro"]
-            tokens.append(int(ro["attention_mask"].sum()) * cfg["num_iterations"])
-            gen_tokens.append(int(ro["sampled_mask"].sum()))
-            n_neg = 0 if batch["neg"] is None else len(batch["neg"])
-            items.append(sum(len(torch.unique(batch["targets"][c["rows"]])) + n_neg for c in batch["chunks"])
-                         * cfg["num_iterations"])
+    for step in tqdm(range(steps + 1), desc=f"e2e {name} (1 warm-up + {steps})", file=sys.stderr, disable=quiet):
+        ph = model.Phases(cuda)
+        with ph("step"):
+            batch = train_mod.rollout(r, ds, cfg, step, None, ph)
+            train_mod.update(r, cfg, batch, opt, params, train_mod.lr_at(step, cfg), ph)
+        if step == 0:
+            continue   # warm-up: allocator, thread pools, (CUDA) kernel compilation
+        ms = {k: v * 1e3 for k, v in ph.s.items()}
+        ms["other"] = ms["step"] - sum(v for k, v in ms.items() if k != "step")
+        runs.append(ms)
+        ro = batch["ro"]
+        tokens.append(int(ro["attention_mask"].sum()) * cfg["num_iterations"])
+        gen_tokens.append(int(ro["sampled_mask"].sum()))
+        n_neg = 0 if batch["neg"] is None else len(batch["neg"])
+        items.append(sum(len(torch.unique(batch["targets"][c["rows"]])) + n_neg for c in batch["chunks"])
+                     * cfg["num_iterations"])
     n_params = sum(p.numel() for p in r.model.parameters())
     mc = r.model.config
     del r, opt, params
@@ -808,11 +747,7 @@ def e2e_table(results):
                "item encoding": f"{res['items'] / med('item encoding') * 1e3:,.0f} items/s" if med("item encoding") else "-",
                "forward (tokens)": f"{res['tokens'] / med('forward (tokens)') * 1e3:,.0f} tok/s" if med("forward (tokens)") else "-",
                "backward": f"{res['tokens'] / med('backward') * 1e3:,.0f} tok/s" if med("backward") else "-"}
-        seen = []
-        for ph, *_ in E2E_PHASES + [("other",)]:
-            if ph in seen:
-                continue
-            seen.append(ph)
+        for ph in [p for p, _ in E2E_PHASES] + ["other"]:
             lines.append(f"| {res['name']} | {ph} | {med(ph):.1f} | {100 * med(ph) / step:.1f}% | {thr.get(ph, '')} |")
         lines.append(f"| {res['name']} | **step** | **{step:.1f}** | 100% | {res['tokens'] / step * 1e3:,.0f} tok/s "
                      f"(train.py's tokens_per_s) |")
@@ -835,31 +770,24 @@ def e2e_main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _e2e_main(args)
+        return _e2e_main(args, names)
     finally:
         torch.set_num_threads(threads)
 
 
-def _e2e_main(args):
-    names = [x.strip() for x in args.e2e_configs.split(",") if x.strip()]
+def _e2e_main(args, names):
     import data
-    import model
-    import recpo
     import train
-    user_errors = (train.TrainError, data.DataError, model.ModelError)
     t_start, results = time.time(), []
     try:
         for name in names:
             cfg, flags = e2e_config(args, name, train)
-            kw = {"num_users": cfg["synthetic_users"], "num_items": cfg["synthetic_items"]} \
-                if cfg["dataset"] == "synthetic" else {}
-            ds = data.load_dataset(cfg["dataset"], data_dir=cfg["data_dir"], history=cfg["history"],
-                                   verbose=False, **kw)
-            res = e2e_one(name, cfg, ds, args.steps, train, recpo, quiet=args.quiet)
+            ds = data.load_for_run(cfg, verbose=False)
+            res = e2e_one(name, cfg, ds, args.steps, train, quiet=args.quiet)
             cfg["_num_items"] = ds.num_items
             res.update(cfg=cfg, flags=flags)
             results.append(res)
-    except user_errors as e:
+    except data.UserError as e:
         raise BenchError(str(e))
     dev = results[0]["cfg"]["device"]
     mname = machine_name(dev)
@@ -868,11 +796,10 @@ def _e2e_main(args):
     head = [f"# End-to-end RecPO step: {mname} ({dev}), {date}", "",
             f"versions: {json.dumps(versions())}; torch threads: {torch.get_num_threads()}", "",
             f"command: `python bench.py {' '.join(getattr(args, 'argv', None) or sys.argv[1:])}`", "",
-            f"dataset {args.dataset}; train.py's rollout_step + update_step (its loop body; the same code "
-            f"train.py runs), 1 warm-up step then {args.steps} timed step(s), median per phase; each phase is "
-            "the wall time of the train.py/recpo calls listed below, wrapped by a timer while the benchmark "
-            f"runs{' (torch.cuda.synchronize at both ends)' if dev.startswith('cuda') else ''}. "
-            "'other' = step minus the phases (prompt building, trimming, table write-back, Python). "
+            f"dataset {args.dataset}; train.py's rollout + update (its loop body; the same code train.py runs), "
+            f"1 warm-up step then {args.steps} timed step(s), median per phase; each phase is timed by "
+            f"model.Phases{' (torch.cuda.synchronize at both ends)' if dev.startswith('cuda') else ''}, as train.py "
+            "logs it. 'other' = step minus the phases (prompt building, trimming, table write-back, Python). "
             "Throughput: tokens = prompt + completion tokens of the batch (x --num-iterations).", ""]
     for res in results:
         c = res["cfg"]
@@ -882,8 +809,8 @@ def _e2e_main(args):
                     f"{c['max_new_tokens']}, prompt-history {c['prompt_history']}, item-loss {c['item_loss']}, "
                     f"kernels {c['kernels']}; per step {res['tokens']:,.0f} tokens ({res['gen_tokens']:,.0f} "
                     f"generated), {res['items']:,.0f} items encoded with grad")
-    head += ["", "Phases:"] + [f"- {ph}: {desc}" for ph, _, _, desc in E2E_PHASES if desc] + [
-        "- table refresh: full no-grad re-encode of all items (train.refresh_items), run before the first step, "
+    head += ["", "Phases:"] + [f"- {ph}: {desc}" for ph, desc in E2E_PHASES] + [
+        "- table refresh: full no-grad re-encode of all items (model.R2ec.refresh_items), run before the first step, "
         "every --item-refresh steps and before each evaluation; timed once (the first, before the warm-up step: "
         "it includes the one-time search of the item prompts' shared prefix), outside the step", "",
         f"total wall time: {time.time() - t_start:.0f} s; load average at the end: "

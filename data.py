@@ -860,6 +860,17 @@ def load_dataset(name, data_dir=None, history=20, rebuild=False, verbose=True, s
     return ds
 
 
+def train_indices(step, B, n, seed):
+    """Training samples of step `step`: positions step*B .. step*B+B-1 of a seeded permutation per epoch.
+    A pure function of (step, seed), so a resumed run draws exactly the users the interrupted one would."""
+    pos = np.arange(step * B, step * B + B)
+    out = np.empty(B, dtype=np.int64)
+    for ep in np.unique(pos // n):
+        sel = pos // n == ep
+        out[sel] = np.random.default_rng([seed, int(ep)]).permutation(n)[pos[sel] % n]
+    return out
+
+
 def load_for_run(cfg, data_dir=None, verbose=True):
     """The dataset of a run config (train.py's flags or a checkpoint's run_config.json)."""
     kw = {"num_users": cfg["synthetic_users"], "num_items": cfg["synthetic_items"]} \

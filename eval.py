@@ -1,4 +1,4 @@
-"""Evaluation under one fixed protocol (SPEC §5).
+"""Evaluation under one fixed protocol (arXiv 2505.16994, §4 setup; full-catalog ranking).
 
 Every number this project prints is computed here, the same way for every model:
 
@@ -7,33 +7,47 @@ Every number this project prints is computed here, the same way for every model:
 - the sample's history items and the padding id 0 are masked (never ranked);
 - the rank r of the target is 0-based and pessimistic: r = #{unmasked j != target : s_j >= s_target},
   so ties count against the model (a constant scorer gets r = N-1-#masked and scores 0);
-  a target that sits inside its own history is masked too and counts as a miss (r = N+1);
+  a target that sits inside its own history is masked too and counts as a miss (r = N+1), and so does
+  a user state or target score that is not finite (NaN can never look good);
 - HR@K = 1[r < K], NDCG@K = 1[r < K] / log2(r + 2) (one relevant item), K in {5, 10, 20}.
 
 Ranks are exact integers, computed per sample, so the metrics never depend on the batch size.
 
-Two entry points:
-- evaluate(dataset, split, user_fn, item_table): scores are dot products H[b] . E[j] / tau. The ranks
-  come from kernels.catalog.catalog_stats, which walks the catalog in item chunks (never a full B x N
-  logits matrix on the fused paths). This is what SASRec and R2ec's item head use.
+This file owns evaluation: the protocol (header, ranks, metrics, table), popularity, and scoring a
+trained R2ec model or checkpoint. It imports nothing from train.py or baselines.py.
+- evaluate(dataset, split, user_fn, item_table, idx=None): scores are dot products H[b] . E[j] / tau,
+  ranked by kernels.catalog.catalog_stats (never a full B x N logits matrix on the fused paths).
+  idx: a fixed subset of the split (the header then says so).
 - evaluate_scores(dataset, split, score_fn): any scorer score_fn(sample_idx, lo, hi) -> [B, hi-lo],
   walked in item chunks with the same masking and tie rule. For tests and scorers that are not H . E.
+- evaluate_popularity(dataset, split, idx=None): items ranked by their train-split target counts.
+- evaluate_model(r, dataset, split, cfg, idx=None): greedy reasoning -> h_T -> evaluate.
 
-The second half of this file (the trained R2ec model: `python eval.py --ckpt DIR`) comes with the
-RecPO issue.
+    python eval.py --ckpt out/ml-100k/best [--split test|valid] [--batch-size 256]
+        re-scores a checkpoint exactly as train.py did (same one-pass greedy reasoning, same saved item
+        table): protocol header, metrics table, latency per user
+    python eval.py --ckpt out/ml-100k/best --history "Star Wars (1977) | Fargo (1996) | Scream (1996)"
+        writes the reasoning for a hand-written history (titles or item ids, oldest first) and the top-10
 """
 import math
+
+import difflib
+import json
+import os
+import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import data
+import model as M
 from kernels.catalog import catalog_stats
 
 KS = (5, 10, 20)
 
 
-class EvalError(Exception):
+class EvalError(data.UserError):
     """User-facing evaluation error: CLIs print `error: <msg>` and exit 2."""
 
 
@@ -47,13 +61,15 @@ def _split(dataset, split_name):
     return dataset.split(split_name) if hasattr(dataset, "split") else getattr(dataset, split_name)
 
 
-def protocol_header(dataset, split_name, ks=KS) -> str:
-    """Two lines that say exactly what the numbers below them mean."""
+def protocol_header(dataset, split_name, ks=KS, subset=None) -> str:
+    """Two lines that say exactly what the numbers below them mean. subset=(n, seed): a fixed subset."""
     split = _split(dataset, split_name)
     n = dataset.num_items
     k = ", ".join(str(x) for x in ks)
+    which = f"{len(split):,} samples, all of them, no user cap" if subset is None else \
+        f"fixed subset: {subset[0]:,} of {len(split):,} samples, seed {subset[1]}"
     return (
-        f"[eval] {dataset.name} | split={split_name} ({len(split):,} samples, all of them, no user cap) | "
+        f"[eval] {dataset.name} | split={split_name} ({which}) | "
         f"full catalog N={n:,} items (no sampled negatives) | masked: the sample's history items + padding id 0\n"
         f"[eval] rank r = #{{unmasked items != target with score >= target's}} (pessimistic: ties count against; "
         f"target inside its own history = miss) | HR@K = 1[r<K], NDCG@K = 1[r<K]/log2(r+2), K in ({k})"
@@ -99,8 +115,8 @@ def _batches(S, batch_size, desc, verbose):
 
 
 def evaluate(dataset, split_name, user_fn, item_table, batch_size=256, tau=1.0, desc=None,
-             verbose=True, header=None, impl="auto", return_ranks=False):
-    """Exact pessimistic ranks of every sample of the split, with H . E / tau scores.
+             verbose=True, header=None, impl="auto", return_ranks=False, idx=None):
+    """Exact pessimistic ranks of every sample of the split (or of the samples idx), H . E / tau scores.
 
     user_fn(idx: int64 np.ndarray [B] of sample indices) -> H [B, d] torch tensor.
     item_table: E [N+1, d] torch tensor, row j = item id j (row 0 = padding, always masked).
@@ -114,17 +130,19 @@ def evaluate(dataset, split_name, user_fn, item_table, batch_size=256, tau=1.0, 
                         f"(row 0 = padding), got {tuple(E.shape)}")
     if verbose if header is None else header:
         print(protocol_header(dataset, split_name))
-    S = len(split)
+    pick = np.arange(len(split)) if idx is None else np.asarray(idx, dtype=np.int64)
+    S = len(pick)
     ranks = np.empty(S, dtype=np.int64)
     with torch.no_grad():
         for lo in _batches(S, batch_size, desc or f"eval {split_name}", verbose):
-            idx = np.arange(lo, min(lo + batch_size, S))
-            H = user_fn(idx).to(E.device)                                          # [B, d]
-            tgt = torch.from_numpy(split.target[idx]).to(E.device)                 # [B]
-            hist = torch.from_numpy(split.hist[idx]).to(E.device)                  # [B, Hw] 0-padded
+            j = pick[lo:lo + batch_size]                                           # sample indices
+            H = user_fn(j).to(E.device)                                            # [B, d]
+            tgt = torch.from_numpy(split.target[j]).to(E.device)                   # [B]
+            hist = torch.from_numpy(split.hist[j]).to(E.device)                    # [B, Hw] 0-padded
             # catalog_stats masks padding + hist and walks the items in chunks itself
             st = catalog_stats(H, E, tgt, exclude=hist, tau=tau, impl=impl)
-            ranks[idx] = st.rank.cpu().numpy()
+            bad = ~torch.isfinite(H.float()).all(1) | ~torch.isfinite(st.target_logit)   # NaN: a miss
+            ranks[lo:lo + len(j)] = torch.where(bad, E.shape[0], st.rank).cpu().numpy()
     m = metrics_from_ranks(ranks)
     return (m, ranks) if return_ranks else m
 
@@ -179,19 +197,85 @@ def evaluate_scores(dataset, split_name, score_fn, batch_size=256, item_chunk=40
 
 
 # --------------------------------------------------------------------------------------------------
-# trained R2ec model
-#
-#   python eval.py --ckpt out/ml-100k/best [--split test|valid] [--batch-size 256]
-#       re-scores a checkpoint exactly as train.py did (same one-pass greedy reasoning, same saved item
-#       table), prints the protocol header, the metrics table and the latency per user
-#   python eval.py --ckpt out/ml-100k/best --history "Star Wars (1977) | Fargo (1996) | Scream (1996)"
-#       writes the reasoning for a hand-written history (titles or item ids, oldest first) and the top-10
-#   The model-side functions (one-pass decoding, checkpoint loading) live in train.py.
+# popularity, and the saved baseline rows
 
 
-def _find_items(spec, ds):
+def evaluate_popularity(dataset, split_name, batch_size=1024, verbose=True, header=None, impl="auto", idx=None):
+    """Items ranked by their train-split target counts. Scores = counts: H = ones [B,1], E = counts
+    [N+1,1]; integer counts are exact in fp32, so equal counts stay ties and the pessimistic rule decides."""
+    E = torch.from_numpy(dataset.train_counts().astype(np.float32))[:, None]     # [N+1, 1]
+    return evaluate(dataset, split_name, lambda j: torch.ones(len(j), 1), E, batch_size=batch_size,
+                    desc=f"popularity {split_name}", verbose=verbose, header=header, impl=impl, idx=idx)
+
+
+def valid_subset(dataset, k, seed):
+    """Indices of the fixed seeded subset of valid used for model selection (k = 0: all of it); prints its
+    protocol header and popularity's numbers on it."""
+    n = len(dataset.valid)
+    idx = np.arange(n) if not k or k >= n else np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+    print(protocol_header(dataset, "valid", subset=None if len(idx) == n else (len(idx), seed)))
+    pop = evaluate_popularity(dataset, "valid", verbose=False, header=False, idx=idx)
+    print(format_table({"popularity (valid" + (" subset)" if len(idx) < n else ")"): pop}))
+    return idx
+
+
+def baselines_path(dataset):
+    """Where baselines.py writes its table and train.py reads SASRec's row."""
+    return os.path.join("out", "baselines", data.slug(dataset.name) + ".json")
+
+
+def baseline_rows(dataset, split_name="test"):
+    """Popularity (computed here: cheap) and SASRec (if baselines.py has written its table) metrics."""
+    rows = {"popularity": evaluate_popularity(dataset, split_name, verbose=False, header=False)}
+    try:
+        with open(baselines_path(dataset)) as f:
+            saved = json.load(f)
+        rows["SASRec"] = saved[split_name]["sasrec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass   # baselines.py has not run (or its file is unreadable): popularity only
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# a trained R2ec model: greedy reasoning -> h_T -> full-catalog ranks
+
+
+def evaluate_model(r, dataset, split_name, cfg, idx=None, verbose=True):
+    """Metrics of samples idx (sorted; default all) of a split, and timings. cfg: the run's config
+    (prompt_history, max_new_tokens, no_reasoning, eval_batch_size, kernels)."""
+    split = _split(dataset, split_name)
+    idx = np.arange(len(split)) if idx is None else np.sort(np.asarray(idx, dtype=np.int64))
+    prompts = r.split_prompt_ids(split, idx, cfg["prompt_history"])
+    H, tm = r.encode_users(prompts, 0 if cfg.get("no_reasoning") else cfg["max_new_tokens"],
+                           cfg["eval_batch_size"], verbose, f"eval {split_name}: reasoning")
+    t0 = time.time()
+    m = evaluate(dataset, split_name, lambda j: H[torch.from_numpy(np.searchsorted(idx, j))], r.table.E,
+                 batch_size=1024, tau=r.tau, verbose=False, header=False, impl=cfg.get("kernels", "auto"), idx=idx)
+    tm.update(rank_s=time.time() - t0, n=len(idx))
+    return m, tm
+
+
+def evaluate_checkpoint(path, ds, split_name, device, batch_size=None, name=None, verbose=True, baselines=True):
+    """Load a checkpoint (no pickle) and score it on a split: prints the protocol header, the table (beside
+    popularity and SASRec when baselines) and the latency. -> (metrics, timings, table rows)."""
+    r, cfg = M.load_checkpoint(path, device=device, dataset=ds)
+    cfg["eval_batch_size"] = batch_size or cfg["eval_batch_size"]
+    print(protocol_header(ds, split_name))
+    m, tm = evaluate_model(r, ds, split_name, cfg, verbose=verbose)
+    rows = {name or f"R2ec ({os.path.basename(os.path.normpath(path))})": m,
+            **(baseline_rows(ds, split_name) if baselines else {})}
+    print(format_table(rows) + "\n" + latency_line(tm))
+    return m, tm, rows
+
+
+def latency_line(tm):
+    return (f"latency: reasoning + h_T (greedy, one cached pass) {1000 * tm['decode_s'] / tm['n']:.2f} ms/user, "
+            f"full-catalog scoring {1000 * tm['rank_s'] / tm['n']:.3f} ms/user "
+            f"({tm['gen_tokens'] / tm['n']:.1f} reasoning tokens/user)")
+
+
+def find_items(spec, ds):
     """"title | title | ..." or "id | id" -> item ids; unknown titles: close matches, then EvalError."""
-    import difflib
     titles = ds.titles
     by_title = {}
     for i, t in enumerate(titles[1:], 1):
@@ -213,89 +297,91 @@ def _find_items(spec, ds):
     return ids
 
 
+def parse_ratings(spec, n):
+    """'5 | 4 | ...' -> n floats in [0, 5] (EvalError otherwise)."""
+    try:
+        out = [float(x) for x in spec.split("|")]
+    except ValueError:
+        raise EvalError(f"--ratings {spec!r}: give numbers separated by '|', e.g. '5 | 4 | 3'") from None
+    if len(out) != n:
+        raise EvalError(f"--ratings has {len(out)} values for {n} --history items")
+    if not all(0 <= x <= 5 for x in out):
+        raise EvalError(f"--ratings {spec!r}: every rating must be in [0, 5]")
+    return out
+
+
 def recommend(r, ds, cfg, ids, ratings=None, days_apart=1.0, k=10):
     """Reasoning and top-k items for one hand-written history (oldest first). -> (text, [(id, title, score)])."""
-    import train
     H = ds.history
     ids = ids[-H:]
     n = len(ids)
-    hist = np.zeros((1, H), np.int64)
-    rat = np.zeros((1, H), np.float32)
-    tim = np.zeros((1, H), np.int64)
+    hist, rat, tim = np.zeros((1, H), np.int64), np.zeros((1, H), np.float32), np.zeros((1, H), np.int64)
     hist[0, H - n:] = ids
     rat[0, H - n:] = ratings[-n:] if ratings else 4.0
     t_now = 10 ** 9
     tim[0, H - n:] = [t_now - int(86400 * days_apart * (n - j)) for j in range(n)]
     keep = slice(-int(cfg["prompt_history"]), None)
     prompt = r.user_prompt_ids(hist[:, keep], rat[:, keep], tim[:, keep], np.array([t_now]))
-    with torch.no_grad(), train.autocast(cfg["device"]):
-        ro, h = train.decode(r, prompt, greedy=True,
-                             max_new_tokens=0 if cfg.get("no_reasoning") else cfg["max_new_tokens"])
-    text = r.decode_completions(ro)[0]
+    with M.autocast(r.device):
+        ro, h = r.decode(prompt, greedy=True, max_new_tokens=0 if cfg.get("no_reasoning") else cfg["max_new_tokens"])
     E = r.table.E
     st = catalog_stats(h.to(E.device), E, torch.tensor([ids[-1]], device=E.device),
                        exclude=torch.from_numpy(hist).to(E.device), tau=r.tau, topk=k)
     top = [(int(i), ds.titles[int(i)], float(s)) for s, i in zip(st.topk_scores[0], st.topk_ids[0])]
-    return text, top
+    return r.decode_completions(ro)[0], top
 
 
 def main(argv=None):
-    import argparse
-    import json
-    import os
-    import sys
-    p = argparse.ArgumentParser(description="Score a trained R2ec checkpoint under the protocol, or recommend "
-                                "for a hand-written history.")
+    p = data.CLIParser(description="Score a trained R2ec checkpoint under the protocol, or recommend for a "
+                       "hand-written history.")
     p.add_argument("--ckpt", required=True, help="checkpoint folder written by train.py (e.g. out/ml-100k/best)")
     p.add_argument("--split", default="test", choices=("test", "valid"), help="split to score (all of it)")
-    p.add_argument("--batch-size", type=int, default=None, help="users per greedy-reasoning batch "
+    p.add_argument("--batch-size", type=data.pos_int, default=None, help="users per greedy-reasoning batch "
                    "(default: the training run's --eval-batch-size; results do not depend on it)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--data-dir", default=None, help="raw data folder (default: the training run's)")
     p.add_argument("--history", default=None, help="'title | title | ...' or 'id | id | ...', oldest first: "
                    "print the reasoning and the top-10 instead of scoring a split")
     p.add_argument("--ratings", default=None, help="ratings of --history items, '5 | 4 | ...' (default 4 each)")
-    p.add_argument("--days-apart", type=float, default=1.0, help="--history: days between consecutive items")
+    p.add_argument("--days-apart", type=data.nonneg_float, default=1.0,
+                   help="--history: days between consecutive items")
     args = p.parse_args(argv)
+    data.run_cli(run, args)
+
+
+def pick_device(name):
+    """auto -> cuda if available else cpu; a CUDA device without CUDA is a user error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        import data
-        import model as M
-        import train
-        if not os.path.isfile(os.path.join(args.ckpt, "run_config.json")):
-            raise EvalError(f"--ckpt {args.ckpt}: not a checkpoint folder (no run_config.json); "
-                            "train.py writes out/<dataset>/best and out/<dataset>/last")
-        with open(os.path.join(args.ckpt, "run_config.json")) as f:
-            cfg = json.load(f)
-        dev = args.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        kw = {"num_users": cfg["synthetic_users"], "num_items": cfg["synthetic_items"]} \
-            if cfg["dataset"] == "synthetic" else {}
-        ds = data.load_dataset(cfg["dataset"], data_dir=args.data_dir or cfg.get("data_dir"),
-                               history=cfg["history"], verbose=False, **kw)
-        r, _ = train.load_for_eval(args.ckpt, dev, ds)
-        cfg["device"] = dev
-        if args.batch_size:
-            cfg["eval_batch_size"] = args.batch_size
-        if args.history:
-            ids = _find_items(args.history, ds)
-            ratings = [float(x) for x in args.ratings.split("|")] if args.ratings else None
-            if ratings and len(ratings) != len(ids):
-                raise EvalError(f"--ratings has {len(ratings)} values for {len(ids)} --history items")
-            text, top = recommend(r, ds, cfg, ids, ratings, args.days_apart)
-            print("history: " + " | ".join(ds.titles[i] for i in ids))
-            print(f"reasoning ({cfg['max_new_tokens']} tokens max, greedy): {text!r}")
-            print("top-10 (history masked):")
-            for rank, (i, t, s) in enumerate(top, 1):
-                print(f"{rank:>3}. {t}  (id {i}, score {s:.3f})")
-            return
-        print(protocol_header(ds, args.split))
-        m, tm = train.evaluate_model(r, ds, args.split, cfg)
-        print(format_table({f"R2ec ({os.path.basename(os.path.normpath(args.ckpt))})": m}))
-        print(train.latency_line(tm))
-    except (EvalError, M.ModelError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        dev = torch.device(name)
+    except RuntimeError:
+        raise EvalError(f"--device {name!r}: use auto, cpu or cuda[:i]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise EvalError(f"--device {name!r}: use auto, cpu or cuda[:i]")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return name
+
+
+def run(args):
+    if args.ratings and not args.history:
+        raise EvalError("--ratings needs --history")
+    dev = pick_device(args.device)
+    cfg = M.read_run_config(args.ckpt)
+    ds = data.load_for_run(cfg, args.data_dir, verbose=False)
+    if not args.history:
+        evaluate_checkpoint(args.ckpt, ds, args.split, dev, args.batch_size, baselines=False)
+        return
+    r, cfg = M.load_checkpoint(args.ckpt, device=dev, dataset=ds)
+    ids = find_items(args.history, ds)
+    ratings = parse_ratings(args.ratings, len(ids)) if args.ratings else None
+    text, top = recommend(r, ds, cfg, ids, ratings, args.days_apart)
+    print("history: " + " | ".join(ds.titles[i] for i in ids))
+    print(f"reasoning ({cfg['max_new_tokens']} tokens max, greedy): {text!r}")
+    print("top-10 (history masked):")
+    for rank, (i, t, s) in enumerate(top, 1):
+        print(f"{rank:>3}. {t}  (id {i}, score {s:.3f})")
 
 
 if __name__ == "__main__":

@@ -1,44 +1,30 @@
-"""The dual-head R²ec model (SPEC §2-§3): one causal LM, two heads, no new parameters.
+"""The dual-head R²ec model (arXiv 2505.16994, §3.1): one causal LM, two heads, no new parameters.
 
 - LM head: the backbone's own token head writes the reasoning.
 - Item head: h = final-layer hidden state (after the final norm) at the LAST token, L2-normalised.
   Items: h_v at the end of the item prompt (assistant turn pre-filled with the anchor "<answer>").
   Users: h_T at the end of [user prompt + reasoning + anchor]. Score s(v) = cos(h_T, h_v) / tau.
 
-Public API (train.py / eval.py build on exactly this):
+This file owns every model operation, once each (train.py and eval.py only call these):
 
     build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None, device="cpu",
                    verbose=True) -> (hf_model, tokenizer)
         init_from: "tiny" (Qwen2 config built here + BPE tokenizer trained on the dataset's text,
         cached in cache_dir), a local Hugging Face directory, or a local .gguf file. Never downloads.
-    format_dt(seconds) -> str                      "3d 4.0h" | "5h 12.0min" | "7.5min"
     R2ec(model, tokenizer, dataset=None, tau=0.02, max_prompt_len=None, impl="auto")
-      .item_prompt_ids(ids) -> list[list[int]]
-      .encode_items(ids, grad=False, batch_size=64, progress=False) -> h_v [n, d] fp32, L2-normalised
-      .refresh_items(batch_size=64, verbose=True)   re-encodes .table (ItemTable, .E [N+1, d] fp32)
-      .user_prompt_ids(hist [B,H], hist_rating [B,H], hist_time [B,H], target_time [B]) -> list[list[int]]
-      .split_prompt_ids(split, idx) -> list[list[int]]     (same, for samples idx of a data.Split)
-      .generate(prompt_ids, G=1, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
-                max_new_tokens=640, seed=0) -> rollout dict (below), rows b*G..b*G+G-1 = prompt b
-      .no_reasoning(prompt_ids, G=1) -> rollout dict with the anchor right after the prompt
-      .forward_both(input_ids, attention_mask, completion_mask, temperature=1.0, return_entropy=False)
-          -> (logp [B,L] fp32, h_T [B,d] fp32 L2-normalised, entropy [B,L] fp32 or None)
-      .encode_users(prompt_ids, reasoning=True, max_new_tokens=640, batch_size=None) -> h_T [B,d]
-          (greedy reasoning + anchor, no grad; the caller sets model.eval())
-      .scores(h_T) -> [B, N+1] = h_T . E / tau (column 0 = -inf)
-      .decode_completions(rollout) -> list[str]
-    rollout dict: input_ids [N,L] int64 (prompt LEFT-padded | completion RIGHT-padded),
-      attention_mask [N,L] int64, completion_mask [N,L] bool (reasoning + anchor tokens),
-      sampled_mask [N,L] bool (tokens actually sampled; not the appended anchor),
-      old_logp [N,L] fp32 (log-prob of each sampled token under softmax(logits / temperature),
-      untruncated by top-k/top-p, i.e. what forward_both returns; 0 elsewhere),
-      lengths [N] int64 (completion tokens incl. anchor), cut [N] bool (anchor appended), prompt_len int.
-    ItemTable(num_items, dim, device): .E [N+1, d] (row 0 = zeros), .update(ids, vecs), .fresh
-    apply_lora(model, r, alpha, dropout, targets=LORA_TARGETS) -> list of trainable params (r=0: all)
-    merged_state_dict(model) -> dict; lora_state_dict(model) -> dict; load_lora_state(model, path)
-    save_checkpoint(path, r2ec, run_config: dict, extra_state: dict | None = None)
-    load_checkpoint(path, device="cpu", dtype=None, dataset=None) -> (R2ec, run_config, extra_state)
-        (reads run_config["tau"] and run_config.get("max_prompt_len"); dataset= checks the item map)
+      prompts   .user_prompt_ids(hist, hist_rating, hist_time, target_time) / .split_prompt_ids(split,
+                idx, n_hist) / .item_prompt_ids(ids) -> token id lists (chat template applied)
+      reasoning .decode(prompts, G, greedy, temperature, top_k, max_new_tokens, seed) -> (rollout, h_T):
+                G chains per prompt and their h_T in ONE cached pass (max_new_tokens=0: no reasoning)
+      one pass  .forward_both(rollout, G, temperature, return_entropy) -> (logp [N,C], h_T [N,d], ent):
+                both heads with gradient, each prompt encoded once for its G chains
+      items     .encode_items(ids, grad) -> h_v [n,d]; .refresh_items() re-encodes .table.E [N+1,d]
+      users     .encode_users(prompts, max_new_tokens, batch_size) -> (h_T [n,d], timings) (greedy)
+      low level .hidden(ids, mask, pos, cache) / .logits(h) / .pad_left(seqs) / .prefix_forward(...)
+    sample_next, slice_rollout, new_cache (KV cache across transformers versions), autocast(device)
+    apply_lora / merged_state_dict / lora_state_dict / load_lora_state: hand-written LoRA
+    save_checkpoint / load_checkpoint / load_train_state / read_run_config / clean_checkpoints:
+        checkpoints as data (safetensors + JSON), swapped atomically
     ModelError: user-facing one-line errors (CLIs print "error: ..." and exit 2).
 
 Choices worth knowing: generation samples from logits computed as hidden . W^T (the same function the
@@ -46,12 +32,13 @@ one-pass uses; Gemma-2's final logit soft-capping is therefore not applied, cons
 A sequence that emits an end-of-turn token before the anchor is treated like a cut-off one: the EOS is
 dropped and the anchor appended. Run `python model.py --dataset ml-100k --users 8` for a quick look.
 """
-import argparse
+import contextlib
 import hashlib
 import inspect
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -62,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import UserError
 from kernels.logprobs import token_logprobs
 
 ANCHOR = "<answer>"
@@ -71,14 +59,14 @@ TINY_DEFAULTS = dict(layers=2, heads=4, kv_heads=2, hidden=128, intermediate=352
 TOKENIZER_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model",
                    "vocab.txt")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]   # pad, role start, end of turn
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]   # pad, role start, end of turn
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
                   "{% if add_generation_prompt %}Assistant: {% endif %}")
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """User-facing model error: CLIs print `error: <msg>` and exit 2."""
 
 
@@ -92,7 +80,7 @@ def warn_once(key, msg):
 
 
 # --------------------------------------------------------------------------------------------------
-# prompts (SPEC §2)
+# prompts (arXiv 2505.16994, §3.1 and the reference code's templates)
 
 def format_dt(seconds):
     """Time before the target: >= 1 day "3d 4.0h", >= 1 hour "5h 12.0min", else "7.5min"."""
@@ -173,7 +161,7 @@ def train_tokenizer(dataset, vocab_size=4096, cache_dir=None, verbose=True):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIALS,
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=False)
         tok.train_from_iterator(corpus, trainer)
@@ -338,6 +326,39 @@ def last_index(mask):
     return L - 1 - mask.long().flip(-1).argmax(-1)
 
 
+def new_cache(model):
+    """An empty KV cache for this model (transformers' DynamicCache; older versions take no config)."""
+    from transformers import DynamicCache
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
+
+
+def autocast(device):
+    """CUDA: bf16 autocast around every forward (fp32 tiny weights and LoRA adapters stay fp32); CPU: off."""
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+class Phases:
+    """Wall time per named phase (CUDA-synchronised at both ends): train.py logs it, bench.py --e2e reads it."""
+
+    def __init__(self, cuda=False):
+        self.cuda, self.s = cuda, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t0
+
+
 class ItemTable:
     """E [N+1, d] fp32: row j = h_v of item j, row 0 = zeros (padding, always excluded)."""
 
@@ -349,9 +370,9 @@ class ItemTable:
         self.E[torch.as_tensor(ids, device=self.E.device).long()] = vecs.detach().float().to(self.E.device)
 
 
-def sample_next(logits, temperature=1.0, greedy=False, top_k=0, top_p=1.0, gen=None):
+def sample_next(logits, temperature=1.0, greedy=False, top_k=0, gen=None):
     """One decoding step: logits [N, V] fp32 -> (token [N], its log-prob [N]). The log-prob is taken
-    under the full tempered softmax (no top-k / top-p truncation), which is what forward_both recomputes."""
+    under the full tempered softmax (no top-k truncation), which is what forward_both recomputes."""
     z = logits / max(temperature, 1e-6)                            # [N, V]
     logp_all = torch.log_softmax(z, -1)
     if greedy:
@@ -360,16 +381,24 @@ def sample_next(logits, temperature=1.0, greedy=False, top_k=0, top_p=1.0, gen=N
         if top_k and top_k < z.shape[-1]:
             kth = z.topk(top_k, -1).values[:, -1:]
             z = z.masked_fill(z < kth, float("-inf"))
-        if top_p < 1.0:   # nucleus: keep the smallest prefix of sorted probs reaching top_p
-            zs, zi = z.sort(-1, descending=True)
-            cum = zs.softmax(-1).cumsum(-1)
-            drop = (cum - zs.softmax(-1)) >= top_p
-            z = z.masked_fill(torch.zeros_like(drop).scatter(1, zi, drop), float("-inf"))
         tok = torch.multinomial(z.softmax(-1), 1, generator=gen).squeeze(1)
     return tok, logp_all.gather(1, tok[:, None]).squeeze(1)
 
 
+def slice_rollout(ro, rows):
+    """Rows of a rollout dict, without the columns that are padding in every one of them."""
+    am = ro["attention_mask"][rows]
+    cols = am.any(0).nonzero().squeeze(1)
+    c = slice(int(cols[0]), int(cols[-1]) + 1)
+    out = {k: ro[k][rows][:, c] for k in ("input_ids", "attention_mask", "completion_mask", "sampled_mask",
+                                          "old_logp")}
+    out["rows"], out["prompt_len"] = rows, ro["prompt_len"] - int(cols[0])
+    return out
+
+
 class R2ec:
+    """The backbone with its two heads, the item table, and every model operation (once, the fast way)."""
+
     def __init__(self, model, tokenizer, dataset=None, tau=0.02, max_prompt_len=None, impl="auto"):
         self.model, self.tok, self.dataset, self.tau, self.impl = model, tokenizer, dataset, tau, impl
         self.backbone = model.base_model   # decoder without the LM head: hidden states only
@@ -383,7 +412,7 @@ class R2ec:
         self.stop_ids = {int(e) for e in eos if e is not None}
         self._cache_kw = "cache" if "cache" in inspect.signature(self.backbone.forward).parameters \
             else "past_key_values"   # transformers >= 5.2x renamed the argument
-        self._item_ids, self._closes = {}, None
+        self._item_ids, self._closes, self._item_prefix = {}, None, None
         self.item_map = None   # [(raw_id, title)] for ids 1..N when loaded from a checkpoint
         self.table = ItemTable(dataset.num_items, model.config.hidden_size, self.device) if dataset else None
 
@@ -395,11 +424,17 @@ class R2ec:
     def lm_weight(self):
         return self.model.get_output_embeddings().weight   # [V, d]; tied to the input embeddings
 
-    def _hidden(self, ids, mask, pos, cache=None):
-        kw = {self._cache_kw: cache, "use_cache": cache is not None} if cache is not None else {"use_cache": False}
+    def hidden(self, ids, mask, pos, cache=None):
+        """Final-layer hidden states (after the final norm) [B, L, d]; extends `cache` when given."""
+        kw = {self._cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
         return self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, **kw).last_hidden_state
 
-    def _pad_left(self, seqs):
+    def logits(self, h):
+        """LM head: h [N, d] -> fp32 logits [N, V]; the same function forward_both's log-probs use."""
+        return F.linear(h, self.lm_weight).float()
+
+    def pad_left(self, seqs):
+        """Token lists -> (ids [B, P], mask [B, P]) LEFT-padded, on the model's device."""
         P = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), P), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), P, dtype=torch.long)
@@ -415,7 +450,7 @@ class R2ec:
     def _encode(self, texts):
         return self.tok(texts, add_special_tokens=False)["input_ids"]   # templates carry their own BOS
 
-    # ---- item head ----
+    # ---- prompts ----
     def item_prompt_ids(self, ids):
         todo = [int(i) for i in ids if int(i) not in self._item_ids]
         if todo:
@@ -426,36 +461,6 @@ class R2ec:
                 self._item_ids[i] = t
         return [self._item_ids[int(i)] for i in ids]
 
-    def encode_items(self, ids, grad=False, batch_size=64, progress=False, desc="encode items"):
-        """-> h_v [n, d] fp32, L2-normalised, in the order of ids. Batches hold items of similar length
-        (sorted, longest first) to cut padding; left padding + position ids keep results batch-free."""
-        prompts = self.item_prompt_ids(ids)
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        chunks = []
-        with torch.enable_grad() if grad else torch.no_grad():
-            for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
-                x, m = self._pad_left([prompts[i] for i in order[s:s + batch_size]])
-                h = self._hidden(x, m, (m.cumsum(-1) - 1).clamp(min=0))[:, -1]          # [b, d]
-                chunks.append(F.normalize(h.float(), dim=-1))
-        inv = torch.empty(len(order), dtype=torch.long)
-        inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-        return torch.cat(chunks)[inv.to(self.device)]
-
-    def refresh_items(self, batch_size=64, verbose=True):
-        """Full re-encode of the item table without gradient (eval mode, restored afterwards)."""
-        was = self.model.training
-        self.model.eval()
-        ids = np.arange(1, self.dataset.num_items + 1)
-        self.table.E[1:] = self.encode_items(ids, False, batch_size, verbose, "encode item table")
-        self.table.fresh = True
-        self.model.train(was)
-
-    def scores(self, h_T):
-        s = (h_T.float() @ self.table.E.T) / self.tau          # [B, N+1]
-        s[:, 0] = float("-inf")
-        return s
-
-    # ---- user prompts ----
     def user_prompt_ids(self, hist, hist_rating, hist_time, target_time):
         """Token ids of the chat-rendered user prompts; drops the OLDEST history lines of prompts
         longer than max_prompt_len (the instruction is never cut; the anchor comes after)."""
@@ -480,14 +485,13 @@ class R2ec:
                       f"dropped their {n_lines} oldest history lines (shown once; raise --max-prompt-len)")
         return out
 
-    def split_prompt_ids(self, split, idx):
-        idx = np.asarray(idx)
-        return self.user_prompt_ids(split.hist[idx], split.hist_rating[idx], split.hist_time[idx], split.time[idx])
+    def split_prompt_ids(self, split, idx, n_hist=None):
+        """User prompts of samples idx of a data.Split, listing the n_hist most recent items (default all)."""
+        idx, h = np.asarray(idx), slice(-int(n_hist) if n_hist else None, None)
+        return self.user_prompt_ids(split.hist[idx][:, h], split.hist_rating[idx][:, h], split.hist_time[idx][:, h],
+                                    split.time[idx])
 
-    # ---- LM head: reasoning ----
-    def _logits(self, h):
-        return F.linear(h, self.lm_weight).float()   # the same function forward_both's log-probs use
-
+    # ---- LM head: reasoning, decoded in one cached pass that also yields h_T ----
     def _closes_anchor(self):
         """Bool [V]: tokens whose text holds the anchor's last char; only then is the tail decoded."""
         if self._closes is None:
@@ -496,9 +500,9 @@ class R2ec:
             self._closes = [ANCHOR[-1] in t for t in texts] + [False] * max(0, V - len(self.tok))
         return self._closes
 
-    def _assemble(self, prompts, comps, lps, n_sampled, cut):
+    def assemble(self, prompts, comps, lps, n_sampled, cut):
         """Lists -> rollout dict: [prompt LEFT-padded to P | completion RIGHT-padded to C]."""
-        ids, mask = self._pad_left(prompts)
+        ids, mask = self.pad_left(prompts)
         N, P, C = len(prompts), ids.shape[1], max(len(c) for c in comps)
         tail = torch.full((N, C), self.pad_id, dtype=torch.long)
         cm = torch.zeros(N, C, dtype=torch.bool)
@@ -517,204 +521,426 @@ class R2ec:
                     lengths=torch.tensor([len(c) for c in comps], device=dev),
                     cut=torch.tensor(cut, device=dev), prompt_len=P)
 
-    def no_reasoning(self, prompt_ids, G=1):
-        prompts = [p for p in prompt_ids for _ in range(G)]
-        comps = [list(self.anchor_ids) for _ in prompts]
-        return self._assemble(prompts, comps, [[]] * len(prompts), [0] * len(prompts), [False] * len(prompts))
-
     @torch.no_grad()
-    def generate(self, prompt_ids, G=1, temperature=1.0, top_k=0, top_p=1.0, greedy=False, max_new_tokens=640,
-                 seed=0):
-        """Sample G reasoning chains per prompt (batched, left padding, KV cache) until each has written
-        the anchor; chains cut off at max_new_tokens (or ending their turn first) get the anchor appended."""
-        from transformers import DynamicCache
-        prompts = [p for p in prompt_ids for _ in range(G)]       # group members adjacent
-        N = len(prompts)
-        ids, mask = self._pad_left(prompts)                        # [N, P]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)                   # real tokens at 0.. whatever the padding
-        try:
-            cache = DynamicCache(config=self.model.config)
-        except TypeError:
-            cache = DynamicCache()
-        h = self._hidden(ids, mask, pos, cache)[:, -1]             # [N, d]
-        next_pos = pos[:, -1:] + 1                                 # [N, 1]
+    def decode(self, prompts, G=1, greedy=True, temperature=1.0, top_k=0, max_new_tokens=640, seed=0):
+        """Reasoning for B prompts (G chains each, group members adjacent) and h_T, in ONE cached pass.
+
+        The prompts are encoded once and their KV cache repeated G times. Each step samples (or argmaxes)
+        one token per row and feeds it; a row that stopped feeds nothing more (mask 0, so no later query
+        sees it). Rows that wrote the anchor keep the hidden state at its last token as h_T; rows cut off at
+        max_new_tokens (or ending their turn: the end-of-turn token is dropped) get the anchor fed at the
+        end. max_new_tokens=0 is the w/o-reasoning variant (anchor right after the prompt).
+        Returns (rollout dict, h_T [B*G, d] fp32 L2-normalised). Rollout dict: input_ids [N,L] int64
+        (prompt LEFT-padded | completion RIGHT-padded), attention_mask [N,L], completion_mask [N,L] bool
+        (reasoning + anchor), sampled_mask [N,L] bool (tokens actually sampled), old_logp [N,L] fp32
+        (log-prob of each sampled token under softmax(logits / temperature), untruncated by top-k, i.e.
+        what forward_both recomputes; 0 elsewhere), lengths [N], cut [N] bool, prompt_len int."""
+        ids, mask = self.pad_left(prompts)                                             # [B, P]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = new_cache(self.model)
+        h = self.hidden(ids, mask, pos, cache)[:, -1]                                  # [B, d]
+        if G > 1:
+            cache.batch_repeat_interleave(G)
+            h, mask, pos = h.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), pos.repeat_interleave(G, 0)
+        N, dev = h.shape[0], h.device
+        next_pos = pos[:, -1] + 1                                                      # [N]
+        h_T = torch.zeros(N, h.shape[1], device=dev)
+        gen = torch.Generator(device=dev).manual_seed(seed)
         closes, tail = self._closes_anchor(), len(ANCHOR) + 2
-        gen = torch.Generator(device=self.device).manual_seed(seed)
         comps, lps = [[] for _ in range(N)], [[] for _ in range(N)]
         done, hit = [False] * N, [False] * N
+
+        def feed(tok, fed):   # one column: tok [N], fed [N] bool (False: masked out, position not advanced)
+            nonlocal mask, next_pos
+            mask = torch.cat([mask, fed.long()[:, None]], 1)
+            out = self.hidden(tok[:, None], mask, next_pos[:, None], cache)[:, -1]     # [N, d]
+            next_pos = next_pos + fed.long()
+            return out
+
         for _ in range(max_new_tokens):
-            tok, lp = sample_next(self._logits(h), temperature, greedy, top_k, top_p, gen)   # [N], [N]
+            if all(done):
+                break
+            tok, lp = sample_next(self.logits(h), temperature, greedy, top_k, gen)     # [N], [N]
+            fed, closed = [False] * N, []
             for i, (t, l) in enumerate(zip(tok.tolist(), lp.tolist())):
                 if done[i]:
                     continue
-                if t in self.stop_ids:
-                    done[i] = True     # ended its turn before the anchor: dropped, anchor appended below
+                if t in self.stop_ids:   # ended its turn before the anchor: dropped, the anchor is fed below
+                    done[i] = True
                     continue
                 comps[i].append(t)
                 lps[i].append(l)
+                fed[i] = True
                 # the anchor spans several tokens: check the decoded tail when a token could close it
                 if closes[t] and ANCHOR in self.tok.decode(comps[i][-tail:]):
                     done[i] = hit[i] = True
-            if all(done):
-                break
-            mask = torch.cat([mask, mask.new_ones(N, 1)], 1)
-            h = self._hidden(tok[:, None], mask, next_pos, cache)[:, -1]
-            next_pos = next_pos + 1
+                    closed.append(i)
+            h = feed(tok, torch.tensor(fed, device=dev))
+            if closed:
+                h_T[closed] = h[closed].float()
         n_sampled = [len(c) for c in comps]
-        for i in range(N):
-            if not hit[i]:
-                comps[i] = comps[i] + list(self.anchor_ids)
-        return self._assemble(prompts, comps, lps, n_sampled, [not x for x in hit])
+        need = torch.tensor([not x for x in hit], device=dev)
+        if need.any():
+            for a in self.anchor_ids:
+                h = feed(torch.full((N,), a, dtype=torch.long, device=dev), need)
+            h_T[need] = h[need].float()
+        comps = [c if hit[i] else c + list(self.anchor_ids) for i, c in enumerate(comps)]
+        ro = self.assemble([p for p in prompts for _ in range(G)], comps, lps, n_sampled, [not x for x in hit])
+        return ro, F.normalize(h_T, dim=-1)
 
-    def decode_completions(self, r):
-        P = r["prompt_len"]
-        return [self.tok.decode(row[P:P + int(n)].tolist()) for row, n in zip(r["input_ids"], r["lengths"])]
+    def decode_completions(self, ro):
+        P = ro["prompt_len"]
+        return [self.tok.decode(row[P:P + int(n)].tolist()) for row, n in zip(ro["input_ids"], ro["lengths"])]
 
-    # ---- one pass for both heads ----
-    def forward_both(self, input_ids, attention_mask, completion_mask, temperature=1.0, return_entropy=False):
-        """One backbone pass -> (logp [B,L] of completion tokens at temperature, 0 elsewhere; h_T [B,d]
-        L2-normalised at the last real token; entropy [B,L] or None). No [B,L,V] logits: log-probs come
-        from the hidden states and the LM head weight through kernels.logprobs.token_logprobs."""
-        B, L = input_ids.shape
-        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hid = self._hidden(input_ids, attention_mask, pos)                          # [B, L, d]
-        h_T = F.normalize(hid[torch.arange(B, device=hid.device), last_index(attention_mask)].float(), dim=-1)
-        m = completion_mask[:, 1:].bool()                          # token t is predicted by hidden t-1
-        if m.any():
-            out = token_logprobs(hid[:, :-1][m], self.lm_weight, input_ids[:, 1:][m], temperature,
-                                 return_entropy=return_entropy, impl=self.impl)    # [T]
-        else:   # nothing to score (e.g. prompts only): skip the kernel
-            out = (hid.new_zeros(0), hid.new_zeros(0)) if return_entropy else hid.new_zeros(0)
+    # ---- one pass for both heads, the shared prefix encoded once ----
+    def prefix_forward(self, pre_ids, pre_mask, suf_ids, suf_mask, repeat=1):
+        """Hidden states of rows [prefix | suffix] where each prefix row (LEFT-padded, [R, P]) is shared by
+        `repeat` consecutive suffix rows (RIGHT-padded, [R*repeat, S]): the prefix runs once, its KV cache
+        is repeated (differentiably), the suffix attends to it. Same math as one forward over the
+        concatenation. -> (h of the prefix's last token [R*repeat, d], suffix hidden states [R*repeat, S, d])."""
+        cache = new_cache(self.model)
+        pos = (pre_mask.cumsum(-1) - 1).clamp(min=0)                                   # [R, P]
+        hp = self.hidden(pre_ids, pre_mask, pos, cache)[:, -1]                         # [R, d]
+        if repeat > 1:
+            cache.batch_repeat_interleave(repeat)
+            hp, pre_mask, pos = (x.repeat_interleave(repeat, 0) for x in (hp, pre_mask, pos))
+        mask = torch.cat([pre_mask, suf_mask], 1)                                      # [N, P+S]
+        spos = pos[:, -1:] + suf_mask.cumsum(-1)                                       # [N, S]
+        return hp, self.hidden(suf_ids, mask, spos, cache)
+
+    def forward_both(self, ro, G=1, temperature=1.0, return_entropy=False):
+        """One backbone pass over rollout rows (whole groups of G sharing a prompt, encoded once) ->
+        (logp [N, C] of the completion tokens at `temperature`, 0 on padding; h_T [N, d] fp32 L2-normalised
+        at the last real token; entropy [N, C] or None). No [N, C, V] logits: the log-probs come from the
+        hidden states and the LM head weight through kernels.logprobs.token_logprobs."""
+        P = ro["prompt_len"]
+        ids, am, cm = ro["input_ids"], ro["attention_mask"], ro["completion_mask"][:, P:]
+        hp, hs = self.prefix_forward(ids[::G, :P], am[::G, :P], ids[:, P:], am[:, P:], G)   # [N, d], [N, C, d]
+        pred = torch.cat([hp[:, None], hs[:, :-1]], 1)            # hidden that predicts completion token j
+        m = cm.bool()
+        out = token_logprobs(pred[m], self.lm_weight, ids[:, P:][m], temperature, return_entropy=return_entropy,
+                             impl=self.impl)
         lp, ent = out if return_entropy else (out, None)
-        full = torch.cat([torch.zeros_like(m[:, :1]), m], 1)                        # [B, L]
-        logp = torch.zeros(B, L, device=hid.device).masked_scatter(full, lp.float())
+        logp = torch.zeros(m.shape, device=hs.device).masked_scatter(m, lp.float())   # [N, C]
         if ent is not None:
-            ent = torch.zeros(B, L, device=hid.device).masked_scatter(full, ent.float())
+            ent = torch.zeros(m.shape, device=hs.device).masked_scatter(m, ent.float())
+        last = am[:, P:].sum(1) - 1                                                    # [N] last real token
+        h_T = F.normalize(hs[torch.arange(len(last)), last].float(), dim=-1)
         return logp, h_T, ent
 
+    # ---- item head ----
+    def item_prefix(self):
+        """The longest token prefix shared by every item prompt (the template), encoded once per batch."""
+        if self._item_prefix is None:
+            allp = self.item_prompt_ids(range(1, self.dataset.num_items + 1))
+            k = min(len(p) for p in allp) - 1          # keep at least one token per suffix
+            first = allp[0]
+            for p in allp:
+                while k and p[:k] != first[:k]:
+                    k -= 1
+            self._item_prefix = first[:k]
+        return self._item_prefix
+
+    def encode_items(self, ids, grad=False, batch_size=256, progress=False, desc="encode items"):
+        """-> h_v [n, d] fp32 L2-normalised, in the order of ids. The template prefix runs once per batch;
+        batches hold items of similar length (sorted, longest first), so results are batch-free."""
+        ids = [int(i) for i in ids]
+        pre, prompts = self.item_prefix(), self.item_prompt_ids(ids)
+        k, dev = len(pre), self.device
+        order = sorted(range(len(ids)), key=lambda i: -len(prompts[i]))
+        out = []
+        with torch.enable_grad() if grad else torch.no_grad():
+            for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch",
+                          leave=False):
+                sufs = [prompts[i][k:] for i in order[s:s + batch_size]]
+                S = max(len(x) for x in sufs)
+                sid = torch.full((len(sufs), S), self.pad_id, dtype=torch.long)
+                sm = torch.zeros(len(sufs), S, dtype=torch.long)
+                for j, x in enumerate(sufs):
+                    sid[j, :len(x)], sm[j, :len(x)] = torch.tensor(x), 1
+                one = torch.ones(1, k, dtype=torch.long, device=dev)
+                _, hs = self.prefix_forward(torch.tensor([pre], device=dev), one, sid.to(dev), sm.to(dev),
+                                            len(sufs))
+                out.append(hs[torch.arange(len(sufs)), sm.sum(1).to(dev) - 1].float())      # [b, d]
+        h = torch.cat(out)
+        inv = torch.empty(len(order), dtype=torch.long)
+        inv[torch.tensor(order)] = torch.arange(len(order))
+        return F.normalize(h[inv.to(h.device)], dim=-1)
+
+    def refresh_items(self, batch_size=256, verbose=False):
+        """Full re-encode of the item table without gradient (eval mode, restored afterwards)."""
+        was = self.model.training
+        self.model.eval()
+        with autocast(self.device):
+            self.table.E[1:] = self.encode_items(range(1, self.dataset.num_items + 1), False, batch_size, verbose,
+                                                 "encode item table")
+        self.table.fresh = True
+        self.model.train(was)
+
+    def scores(self, h_T):
+        s = (h_T.float() @ self.table.E.T) / self.tau          # [B, N+1]
+        s[:, 0] = float("-inf")
+        return s
+
+    # ---- users: evaluation-time encoding ----
     @torch.no_grad()
-    def encode_users(self, prompt_ids, reasoning=True, max_new_tokens=640, batch_size=None):
-        """Evaluation: greedy reasoning + anchor, then h_T [B, d]."""
-        out, bs = [], batch_size or len(prompt_ids)
-        for s in range(0, len(prompt_ids), bs):
-            p = prompt_ids[s:s + bs]
-            r = self.generate(p, greedy=True, max_new_tokens=max_new_tokens) if reasoning else self.no_reasoning(p)
-            out.append(self.forward_both(r["input_ids"], r["attention_mask"], r["completion_mask"])[1])
-        return torch.cat(out)
+    def encode_users(self, prompts, max_new_tokens=640, batch_size=256, progress=False, desc="encode users"):
+        """Greedy reasoning + anchor -> (h_T [n, d] CPU fp32, timings {decode_s, gen_tokens}). Batches hold
+        prompts of similar length (sorted, longest first); rows never interact (left padding + position
+        ids), so a row's h_T does not depend on its batch."""
+        was = self.model.training
+        self.model.eval()
+        order = np.argsort([-len(p) for p in prompts], kind="stable")
+        H = torch.empty(len(prompts), self.model.config.hidden_size)
+        tm = {"decode_s": 0.0, "gen_tokens": 0}
+        for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False, unit="batch"):
+            b = order[s:s + batch_size]
+            t0 = time.time()
+            with autocast(self.device):
+                ro, h = self.decode([prompts[i] for i in b], greedy=True, max_new_tokens=max_new_tokens)
+            H[torch.from_numpy(b)] = h.cpu()
+            tm["decode_s"] += time.time() - t0
+            tm["gen_tokens"] += int(ro["sampled_mask"].sum())
+        self.model.train(was)
+        return H, tm
 
 
 # --------------------------------------------------------------------------------------------------
-# checkpoints: one directory, written atomically
+# checkpoints: data, never code; replaced atomically
+#
+# out/<run>/last is a symbolic link to a hidden folder .last.<ns>/ holding the files. A save writes a new
+# folder, fsyncs every file, then swaps the link with one rename (atomic on POSIX) and only then deletes
+# the old folder: killed at any instant, `last` names a complete checkpoint. Leftovers of killed saves
+# are removed by clean_checkpoints() at the next start. Nothing here is unpickled into code: weights and
+# tables are safetensors, config and item map JSON, and the training state (optimizer, RNG, counters) a
+# torch file of plain tensors/numbers read with weights_only=True, and only by --resume.
 
-def save_checkpoint(path, r2ec, run_config, extra_state=None):
-    """Weights (LoRA merged, safetensors), tokenizer, config, run_config.json, item_map.json,
-    item_table.safetensors, adapter.safetensors (LoRA, for resuming), train_state.pt (extra_state)."""
+def _fsync_tree(d):
+    from data import fsync_dir
+    for f in os.listdir(d):
+        with open(os.path.join(d, f), "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(d)
+
+
+def _json(path, what):
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing, so this is not a checkpoint folder ({what})") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: unreadable {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(out, dict) or not out:
+        raise ModelError(f"{path}: empty or not a JSON object ({what})")
+    return out
+
+
+def save_checkpoint(path, r2ec, run_config, train_state=None):
+    """Weights (LoRA merged, safetensors), tokenizer, model config, run_config.json, item_map.json,
+    item_table.safetensors, adapter.safetensors (LoRA, for resuming), train_state.pt (plain tensors)."""
     from safetensors.torch import save_file
+    from data import fsync_dir
     path = os.path.abspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    r2ec.model.save_pretrained(tmp, state_dict=merged_state_dict(r2ec.model))
-    r2ec.tok.save_pretrained(tmp)
-    with open(os.path.join(tmp, "run_config.json"), "w") as f:
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    new = os.path.join(parent, f".{name}.{time.time_ns()}")
+    os.makedirs(new)
+    r2ec.model.save_pretrained(new, state_dict=merged_state_dict(r2ec.model))
+    r2ec.tok.save_pretrained(new)
+    with open(os.path.join(new, "run_config.json"), "w") as f:
         json.dump(run_config, f, indent=1, default=str)
     ds = r2ec.dataset
     if ds is not None:
         items = [{"id": i, "raw_id": ds.items[i].get("raw_id"), "title": ds.titles[i]} for i in range(1, ds.num_items + 1)]
     else:
         items = [{"id": i + 1, "raw_id": r, "title": t} for i, (r, t) in enumerate(r2ec.item_map or [])]
-    with open(os.path.join(tmp, "item_map.json"), "w") as f:
+    with open(os.path.join(new, "item_map.json"), "w") as f:
         json.dump({"dataset": getattr(ds, "name", None), "num_items": len(items), "items": items}, f)
     if r2ec.table is not None:
-        save_file({"E": r2ec.table.E.detach().cpu().contiguous()}, os.path.join(tmp, "item_table.safetensors"))
+        save_file({"E": r2ec.table.E.detach().cpu().contiguous()}, os.path.join(new, "item_table.safetensors"))
     lora = lora_state_dict(r2ec.model)
     if lora:
-        save_file({k: v.cpu().contiguous() for k, v in lora.items()}, os.path.join(tmp, "adapter.safetensors"))
-    if extra_state is not None:
-        torch.save(extra_state, os.path.join(tmp, "train_state.pt"))
-    old = f"{path}.old-{os.getpid()}"
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+        save_file({k: v.cpu().contiguous() for k, v in lora.items()}, os.path.join(new, "adapter.safetensors"))
+    if train_state is not None:
+        torch.save(train_state, os.path.join(new, "train_state.pt"))
+    _fsync_tree(new)
+    old = os.path.realpath(path) if os.path.islink(path) else None
+    if os.path.isdir(path) and not os.path.islink(path):   # a checkpoint of the older, plain-folder layout
+        os.rename(path, os.path.join(parent, f".{name}.{time.time_ns()}"))
+    link = os.path.join(parent, f".{name}.link-{os.getpid()}")
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(os.path.basename(new), link)
+    os.replace(link, path)                                   # the one atomic step
+    fsync_dir(parent)
+    if old and old != os.path.realpath(path):
+        shutil.rmtree(old, ignore_errors=True)
+    clean_checkpoints(parent)
+
+
+def clean_checkpoints(folder):
+    """Remove hidden checkpoint folders and links that no visible checkpoint link points to (killed saves)."""
+    if not os.path.isdir(folder):
+        return
+    live = {os.path.realpath(os.path.join(folder, f)) for f in os.listdir(folder)
+            if os.path.islink(os.path.join(folder, f)) and not f.startswith(".")}
+    for f in os.listdir(folder):
+        p = os.path.join(folder, f)
+        if f.startswith(".") and (".link-" in f or (os.path.isdir(p) and not os.path.islink(p)
+                                                     and os.path.realpath(p) not in live
+                                                     and f.count(".") >= 2 and f.rsplit(".", 1)[1].isdigit())):
+            if os.path.islink(p) or os.path.isfile(p):
+                os.remove(p)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def read_run_config(path):
+    """run_config.json of a checkpoint folder, checked (one-line ModelError otherwise)."""
+    if not os.path.isdir(path):
+        raise ModelError(f"--ckpt {path}: not a checkpoint folder (no such directory); train.py writes "
+                         "out/<dataset>/best and out/<dataset>/last")
+    cfg = _json(os.path.join(path, "run_config.json"), "the run's config")
+    for k in ("dataset", "history", "init_from", "tau"):
+        if k not in cfg:
+            raise ModelError(f"{os.path.join(path, 'run_config.json')}: key {k!r} is missing; not written by train.py")
+    return cfg
+
+
+def read_item_map(path, dataset=None):
+    """item_map.json of a checkpoint; with dataset=, refuses a checkpoint trained on other items."""
+    imap = _json(os.path.join(path, "item_map.json"), "the item map")
+    try:
+        raw, n_items = [it["raw_id"] for it in imap["items"]], int(imap["num_items"])
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{os.path.join(path, 'item_map.json')}: malformed item map (needs num_items and items)") from None
+    if dataset is not None and (dataset.num_items != n_items or
+                                raw != [dataset.items[i].get("raw_id") for i in range(1, dataset.num_items + 1)]):
+        raise ModelError(f"--ckpt {path}: its item map ({n_items} items of {imap.get('dataset')}) "
+                         f"differs from dataset {dataset.name} ({dataset.num_items} items)")
+    return imap
+
+
+def load_item_table(path, num_items, dim, device="cpu"):
+    """The item table E [N+1, d] saved in checkpoint folder `path`, checked (one-line ModelError otherwise)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    tpath = os.path.join(path, "item_table.safetensors")
+    if not os.path.isfile(tpath):
+        raise ModelError(f"{tpath}: missing; the checkpoint is incomplete")
+    try:
+        E = load_file(tpath)["E"]
+    except (SafetensorError, KeyError, OSError) as e:
+        raise ModelError(f"{tpath}: unreadable item table ({type(e).__name__}); the checkpoint is damaged") from None
+    if E.shape != (num_items + 1, dim) or not torch.isfinite(E).all():
+        raise ModelError(f"{tpath}: item table of shape {tuple(E.shape)} (finite: {bool(torch.isfinite(E).all())}), "
+                         f"expected finite ({num_items + 1}, {dim})")
+    table = ItemTable(num_items, dim, device)
+    table.E.copy_(E)
+    table.fresh = True
+    return table
 
 
 def load_checkpoint(path, device="cpu", dtype=None, dataset=None):
-    """-> (R2ec with the saved item table, run_config dict, extra_state dict or None)."""
-    from safetensors.torch import load_file
-    if not os.path.isfile(os.path.join(path, "run_config.json")):
-        raise ModelError(f"--ckpt {path}: not a checkpoint directory (no run_config.json)")
-    with open(os.path.join(path, "run_config.json")) as f:
-        run_config = json.load(f)
-    with open(os.path.join(path, "item_map.json")) as f:
-        imap = json.load(f)
-    if dataset is not None:
-        raw = [it["raw_id"] for it in imap["items"]]
-        if dataset.num_items != imap["num_items"] or raw != [dataset.items[i].get("raw_id") for i in range(1, dataset.num_items + 1)]:
-            raise ModelError(f"--ckpt {path}: its item map ({imap['num_items']} items of {imap['dataset']}) "
-                             f"differs from dataset {dataset.name} ({dataset.num_items} items)")
-    model, tok = build_backbone(path, None, dtype=dtype or (torch.float32 if torch.device(device).type == "cpu"
-                                                            else None), device=device, verbose=False)
-    r = R2ec(model, tok, dataset, tau=run_config.get("tau", 0.02), max_prompt_len=run_config.get("max_prompt_len"))
+    """-> (R2ec with the saved item table, run_config dict). Reads no pickle. The tiny backbone loads in
+    fp32 (as trained, autocast on CUDA); Hugging Face backbones in bf16 on CUDA."""
+    run_config = read_run_config(path)
+    imap = read_item_map(path, dataset)
+    n_items = int(imap["num_items"])
+    if dtype is None and (run_config["init_from"] == "tiny" or torch.device(device).type == "cpu"):
+        dtype = torch.float32
+    model, tok = build_backbone(path, None, dtype=dtype, device=device, verbose=False)
+    r = R2ec(model, tok, dataset, tau=run_config["tau"], max_prompt_len=run_config.get("max_prompt_len"),
+             impl=run_config.get("kernels", "auto"))
     r.item_map = [(it["raw_id"], it["title"]) for it in imap["items"]]
-    tpath = os.path.join(path, "item_table.safetensors")
-    if os.path.isfile(tpath):
-        E = load_file(tpath)["E"].to(r.device)
-        r.table = ItemTable(E.shape[0] - 1, E.shape[1], r.device)
-        r.table.E.copy_(E)
-        r.table.fresh = True
+    r.table = load_item_table(path, n_items, model.config.hidden_size, r.device)
+    return r, run_config
+
+
+def param_groups(r, params, embed_lr_mult=1.0):
+    """AdamW groups: the tied embedding / LM head (if trained) at lr x embed_lr_mult, the rest at lr."""
+    emb = r.lm_weight
+    if not any(p is emb for p in params):
+        return [{"params": params, "lr_mult": 1.0}]
+    rest = [p for p in params if p is not emb]
+    return [{"params": rest, "lr_mult": 1.0}, {"params": [emb], "lr_mult": embed_lr_mult}]
+
+
+def rng_state():
+    """Every RNG a resumed run needs, as plain tensors and numbers (loadable with weights_only=True)."""
+    st = {"python": list(random.getstate()[1]), "torch": torch.get_rng_state(),
+          "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)), "numpy_pos": np.random.get_state()[2]}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st):
+    random.setstate((3, tuple(st["python"]), None))
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"]))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_train_state(path):
+    """The optimizer/RNG/counter state of a checkpoint, for --resume only; plain tensors, never code."""
     spath = os.path.join(path, "train_state.pt")
-    extra = torch.load(spath, map_location="cpu", weights_only=False) if os.path.isfile(spath) else None
-    return r, run_config, extra
+    if not os.path.isfile(spath):
+        raise ModelError(f"--resume {path}: no train_state.pt (a best/ checkpoint of an older run?); resume from last/")
+    try:
+        return torch.load(spath, map_location="cpu", weights_only=True)
+    except Exception as e:   # pickle payloads, truncation: refused, never executed
+        raise ModelError(f"{spath}: not a plain tensor file, refusing to load it "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
 
 
 # --------------------------------------------------------------------------------------------------
 # CLI: encode the item table and generate reasoning for a few users
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Quick look at the R2ec model: item table + reasoning for a few users.")
+    import data
+    p = data.CLIParser(description="Quick look at the R2ec model: item table + reasoning for a few users.")
     p.add_argument("--dataset", default="ml-100k", help="dataset name as data.py understands it")
     p.add_argument("--data-dir", default=None, help="where the raw data lives (data.py default if unset)")
     p.add_argument("--init-from", default="tiny", help="'tiny', a local Hugging Face directory or a .gguf file")
-    p.add_argument("--split", default="valid", help="which split's samples to reason about")
-    p.add_argument("--users", type=int, default=8, help="number of samples (users) to generate for")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="reasoning token limit")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=50, help="top-k sampling (0 = off)")
+    p.add_argument("--split", default="valid", choices=data.SPLITS, help="which split's samples to reason about")
+    p.add_argument("--users", type=data.pos_int, default=8, help="number of samples (users) to generate for")
+    p.add_argument("--max-new-tokens", type=data.nonneg_int, default=128, help="reasoning token limit")
+    p.add_argument("--temperature", type=data.pos_float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=data.nonneg_int, default=50, help="top-k sampling (0 = off)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--batch-size", type=int, default=64, help="item encoding batch size")
+    p.add_argument("--batch-size", type=data.pos_int, default=64, help="item encoding batch size")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--tau", type=float, default=0.02, help="cosine temperature of the item head")
+    p.add_argument("--seed", type=data.nonneg_int, default=0, help="sampling seed")
+    p.add_argument("--tau", type=data.pos_float, default=0.02, help="cosine temperature of the item head")
     args = p.parse_args(argv)
+    data.run_cli(_look, args)
+
+
+def _look(args):
     import data
-    try:
-        ds = data.load_dataset(args.dataset, data_dir=args.data_dir)
-        model, tok = build_backbone(args.init_from, ds, device=args.device)
-        r = R2ec(model, tok, ds, tau=args.tau)
-        t0 = time.time()
-        r.refresh_items(args.batch_size)
-        t1 = time.time()
-        print(f"[model] item table: {ds.num_items} items x {r.table.E.shape[1]} dims in {t1 - t0:.1f}s")
-        split = ds.split(args.split)
-        idx = np.arange(min(args.users, len(split)))
-        prompts = r.split_prompt_ids(split, idx)
-        t2 = time.time()
-        ro = r.generate(prompts, temperature=args.temperature, top_k=args.top_k, greedy=args.greedy,
-                        max_new_tokens=args.max_new_tokens, seed=args.seed)
-        t3 = time.time()
-        _, h_T, _ = r.forward_both(ro["input_ids"], ro["attention_mask"], ro["completion_mask"])
-        top = r.scores(h_T).topk(5, -1).indices
-        n_tok = int(ro["lengths"].sum())
-        print(f"[model] generated {n_tok} tokens for {len(idx)} users in {t3 - t2:.1f}s "
-              f"({n_tok / max(t3 - t2, 1e-9):.0f} tok/s); {int(ro['cut'].sum())} cut off at {args.max_new_tokens}")
-        for b, text in enumerate(r.decode_completions(ro)[:2]):
-            print(f"--- user {int(split.user[idx[b]])} (prompt {len(prompts[b])} tokens), target "
-                  f"[{ds.titles[int(split.target[idx[b]])]}]\n{text}\n"
-                  f"top-5: {[ds.titles[int(j)] for j in top[b]]}")
-    except (ModelError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    ds = data.load_dataset(args.dataset, data_dir=args.data_dir)
+    model, tok = build_backbone(args.init_from, ds, device=args.device)
+    r = R2ec(model, tok, ds, tau=args.tau)
+    t0 = time.time()
+    r.refresh_items(args.batch_size, verbose=True)
+    print(f"[model] item table: {ds.num_items} items x {r.table.E.shape[1]} dims in {time.time() - t0:.1f}s")
+    split = ds.split(args.split)
+    idx = np.arange(min(args.users, len(split)))
+    prompts = r.split_prompt_ids(split, idx)
+    t0 = time.time()
+    ro, h_T = r.decode(prompts, temperature=args.temperature, top_k=args.top_k, greedy=args.greedy,
+                       max_new_tokens=args.max_new_tokens, seed=args.seed)
+    dt = time.time() - t0
+    top = r.scores(h_T).topk(5, -1).indices
+    n_tok = int(ro["sampled_mask"].sum())
+    print(f"[model] generated {n_tok} tokens for {len(idx)} users in {dt:.1f}s ({n_tok / max(dt, 1e-9):.0f} tok/s); "
+          f"{int(ro['cut'].sum())} cut off at {args.max_new_tokens}")
+    for b, text in enumerate(r.decode_completions(ro)[:2]):
+        print(f"--- user {int(split.user[idx[b]])} (prompt {len(prompts[b])} tokens), target "
+              f"[{ds.titles[int(split.target[idx[b]])]}]\n{text}\ntop-5: {[ds.titles[int(j)] for j in top[b]]}")
 
 
 if __name__ == "__main__":

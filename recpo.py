@@ -1,4 +1,4 @@
-"""RecPO: the reinforcement-learning objective of R²ec, as pure functions (SPEC §4).
+"""RecPO: the whole reinforcement-learning objective of R²ec, as pure functions (arXiv 2505.16994, §3.2).
 
 What the paper does
     For each training user the policy writes G reasoning chains [G = 4]. Each chain ends at the
@@ -14,9 +14,10 @@ What the paper does
     Total loss = token loss + item loss. No KL term.
 
 What this file does
-    compute_rewards -> compute_advantages -> token_loss + item_loss; item_logprobs gives log π of the
-    item action (train.py calls it without grad at rollout time: the "old" policy of PPO). Nothing
-    here knows about the model or the data; train.py does rollouts and forwards.
+    compute_rewards -> compute_advantages -> token_loss + item_loss: every loss term the trainer can
+    run lives here (the three item-loss modes, the KL, the entropy regulariser); item_logprobs gives
+    log π of the item action. Nothing here knows about the model or the data; train.py does rollouts
+    and forwards and calls these.
 
 Departures from the paper / the authors' reference code, and why
  1. The reference code's broadcast defect. It multiplies a per-row quantity of shape (N, 1) (token
@@ -33,7 +34,7 @@ Departures from the paper / the authors' reference code, and why
     leave-one-out baseline (its group sum is mean(R), not 0). We use R_i - mean_{j≠i} R_j.
  4. Z-score std: the unbiased (G - 1) estimator, as the reference code and TRL's GRPO do; so G ≥ 2.
  5. Rewards over the full catalog with the user's history and padding masked and a *pessimistic*
-    rank (ties count against the model), as in evaluation (SPEC §5); a target inside its own history
+    rank (ties count against the model), as in evaluation (eval.py); a target inside its own history
     gets R_d = R_c = 0 (the reference masks history too, so its target also scores ~nothing).
  6. In-batch item candidates are the *distinct* target ids of the batch, each once. The reference
     has one column per user and counts a second user with the same target as a negative; here a
@@ -43,8 +44,15 @@ Departures from the paper / the authors' reference code, and why
  8. Token aggregation: "token-mean" (default; the reference's sum / #tokens), "sequence-mean" (the
     GRPO paper) or "dr-grpo" (sum / (B · max_len), a constant: Liu et al. 2025, "Dr. GRPO").
  9. Optional KL to a frozen reference with the k3 estimator (off by default, as in the paper).
-10. Beyond the paper: item_loss(mode="full") takes the softmax over the whole cached item table
-    instead of the batch's targets (affordable with the fused catalog kernel); see item_logprobs.
+10. Beyond the paper, two more candidate sets for the item softmax (see item_logprobs):
+    mode="sampled": the batch's targets + S uniformly drawn items, all re-encoded this step with grad
+    (the CPU demo's default: in-batch negatives are drawn by popularity, so an in-batch softmax learns
+    scores with popularity divided out; uniform negatives keep it); mode="full": the whole cached item
+    table (affordable with the fused catalog kernel; its rows are as stale as the last refresh).
+11. With --relabel-topk >= 2 a selected chain can have a negative advantage; its surrogate would then
+    push π(v⁺) *down*. The reference sums advantages and never does that; we clamp the selected
+    advantages at 0, so no selected chain pushes away from the true item.
+12. Optional entropy regulariser on the sampled reasoning tokens (off by default, as in the paper).
 """
 import torch
 import torch.nn.functional as F
@@ -54,7 +62,7 @@ from kernels.catalog import catalog_loss, catalog_stats
 REWARD_KINDS = ("ndcg", "softmax", "mix")
 ADVANTAGE_KINDS = ("gaussian", "loo")
 LOSS_TYPES = ("token-mean", "sequence-mean", "dr-grpo")
-ITEM_LOSS_MODES = ("inbatch", "full")
+ITEM_LOSS_MODES = ("inbatch", "sampled", "full")
 
 
 def _check(name, value, allowed):
@@ -76,8 +84,10 @@ def compute_rewards(H, E, targets, exclude, tau, k=1000, beta=0.05, kind="mix", 
     _check("kind", kind, REWARD_KINDS)
     st = catalog_stats(H, E, targets, exclude, tau=tau, impl=impl)
     N = E.shape[0]
-    rank = st.rank                                                   # [M] int64
-    hit = rank < N                                                   # False: target in history
+    # a non-finite user state or score is a miss on every backend: NaN can never earn a reward
+    bad = ~torch.isfinite(H.float()).all(1) | ~torch.isfinite(st.target_logit) | ~torch.isfinite(st.lse)
+    rank = torch.where(bad, N, st.rank)                              # [M] int64
+    hit = rank < N                                                   # False: target in history (or NaN)
     zero = torch.zeros_like(st.lse)
     r_d = torch.where(hit & (rank < k), 1.0 / torch.log2(rank.float() + 2.0), zero)   # [M]
     r_c = torch.where(hit, torch.exp(st.target_logit - st.lse), zero)                 # [M]
@@ -102,8 +112,9 @@ def compute_advantages(rewards, G, kind="gaussian", eps=1e-8):
         adv = (R - mean) / (R.std(1, keepdim=True) + eps)            # unbiased std, as TRL/reference
     else:
         adv = R - (R.sum(1, keepdim=True) - R) / (G - 1)             # R_i - mean of the others
-    frac_zero_std = (R.amax(1) == R.amin(1)).float().mean().item()
-    return adv.reshape(-1), frac_zero_std
+    same = R.amax(1, keepdim=True) == R.amin(1, keepdim=True)         # [B, 1] all G rewards equal
+    adv = adv.masked_fill(same, 0.0)    # exactly 0: rounding of mean and std must not invent a signal
+    return adv.reshape(-1), same.float().mean().item()
 
 
 # -----------------------------------------------------------------------------
@@ -138,12 +149,14 @@ def _aggregate(per_tok, mask, loss_type, max_len):
 # token loss: the reasoning
 
 def token_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28, loss_type="token-mean",
-               max_len=None, ref_logp=None, kl_beta=0.0, reference_broadcast=False, entropy=None):
+               max_len=None, ref_logp=None, kl_beta=0.0, reference_broadcast=False, entropy=None,
+               entropy_coef=0.0):
     """PPO clipped surrogate over the reasoning tokens.
 
     logp [B,L] (with grad), old_logp [B,L] from the rollout (None: ratio 1), adv [B],
     mask [B,L] (True on completion tokens), max_len: dr-grpo's constant (default L),
-    ref_logp [B,L] frozen-reference log-probs for the k3 KL, entropy [B,L] (stats only).
+    ref_logp [B,L] frozen-reference log-probs for the k3 KL, entropy [B,L] (logged; with grad and
+    entropy_coef > 0, minus entropy_coef x its token mean over the mask is added: an entropy bonus).
     Returns (scalar loss, stats dict of floats).
     """
     _check("loss_type", loss_type, LOSS_TYPES)
@@ -170,7 +183,10 @@ def token_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28, loss_type=
     if kl is not None:
         stats["kl"] = ((kl.detach() * mf).sum() / n).item()
     if entropy is not None:
-        stats["entropy"] = ((entropy.detach().float() * mf).sum() / n).item()
+        ent_mean = (entropy.float() * mf).sum() / n                  # token mean over the mask
+        stats["entropy"] = ent_mean.item()
+        if entropy_coef:
+            loss = loss - entropy_coef * ent_mean
     return loss, stats
 
 
@@ -186,13 +202,15 @@ def _first_rows(targets):
 
 
 def item_logprobs(h_T, item_emb, targets, tau, mode="inbatch", E=None, exclude=None, rows=None,
-                  impl="auto"):
+                  impl="auto", negatives=None):
     """log π(v⁺ | x, o) [n] of the item action, for `rows` [n] of the batch (default all B).
 
     h_T [B,d] user states, item_emb [B,d] fresh embeddings of each row's target (rows with the same
     target hold the same item; its first row stands for it), both L2-normalised here (cosine).
     inbatch: softmax over the batch's distinct targets, so duplicates of v⁺ are neither negatives
              nor counted twice.
+    sampled: the same, over the distinct ids of the targets + negatives = (ids [S], emb [S,d]) (fresh
+             embeddings of uniformly drawn items; an id that is also a target appears once).
     full:    softmax over the cached table E [N,d] (L2-normalised), history `exclude` [B,X] masked,
              where the batch's target rows are replaced by their fresh embeddings. Then one call of
              the fused catalog loss gives -log π with gradients to h_T (through H) and to the fresh
@@ -204,8 +222,14 @@ def item_logprobs(h_T, item_emb, targets, tau, mode="inbatch", E=None, exclude=N
     rows = torch.arange(B, device=h_T.device) if rows is None else rows
     h = F.normalize(h_T[rows].float(), dim=-1)                       # [n, d]
     e = F.normalize(item_emb.float(), dim=-1)                        # [B, d]
+    if mode == "sampled":
+        if negatives is None:
+            raise ValueError("item_logprobs(mode='sampled') needs negatives=(ids [S], emb [S,d])")
+        ids, emb = negatives
+        targets = torch.cat([targets, ids.to(targets.device)])       # [B+S] candidates, targets first
+        e = torch.cat([e, F.normalize(emb.float(), dim=-1)])         # [B+S, d]
     uniq, first, inv = _first_rows(targets)
-    if mode == "inbatch":
+    if mode != "full":
         s = h @ e[first].T / tau                                     # [n, U] one column per item
         return torch.log_softmax(s, dim=1).gather(1, inv[rows][:, None]).squeeze(1)   # [n]
     if E is None:
@@ -216,35 +240,41 @@ def item_logprobs(h_T, item_emb, targets, tau, mode="inbatch", E=None, exclude=N
                          impl=impl).float()
 
 
+def select_rows(adv, G, topk=1):
+    """Rows [n = B/G * k] of the top-k trajectories by advantage in each group of G (sorted)."""
+    A = adv.detach().float().view(-1, G)                             # [B/G, G]
+    offs = torch.arange(0, A.numel(), G, device=A.device)[:, None]   # [B/G, 1] first row of a group
+    return (A.topk(min(topk, G), dim=1).indices + offs).flatten().sort().values
+
+
 def item_loss(h_T, item_emb, targets, adv, old_logp_item, G, topk=1, tau=0.02, eps_low=0.2,
               eps_high=0.28, mode="inbatch", E=None, exclude=None, reference_broadcast=False,
-              impl="auto"):
+              impl="auto", negatives=None):
     """Clipped surrogate on the item action of the top-`topk` trajectories (by advantage) per group.
 
-    Shapes as in item_logprobs; adv [B], old_logp_item [B] from item_logprobs at rollout time (None:
-    ratio 1). Loss = sum over selected rows of -min(r·A, clip(r)·A), divided by B.
-    Returns (scalar loss, stats dict of floats).
+    Shapes as in item_logprobs; adv [B], old_logp_item [B] (π_old of the item action, None: ratio 1).
+    Loss = sum over selected rows of -min(r·A⁺, clip(r)·A⁺) with A⁺ = max(A, 0), divided by B.
+    Returns (scalar loss, stats dict of floats; item_logp is the mean log π(v⁺) of the selected rows).
     """
     B = h_T.shape[0]
-    A = adv.detach().float().view(-1, G)                             # [B/G, G]
-    k = min(topk, G)
-    offs = torch.arange(0, B, G, device=A.device)[:, None]           # [B/G, 1] first row of a group
-    rows = (A.topk(k, dim=1).indices + offs).flatten().sort().values # [n = B/G * k]
+    A = adv.detach().float()
+    rows = select_rows(A, G, topk)                                   # [n]
     if reference_broadcast:
         # the reference: every row in the softmax, advantages of non-top-k rows zeroed, then the
         # (B,1) x (B,1,1) outer product and a mean over B×B
         rows_used = torch.arange(B, device=A.device)
-        a = torch.zeros(B, device=A.device).index_copy(0, rows, A.flatten()[rows])   # [B]
-    else:
-        rows_used, a = rows, A.flatten()[rows]                       # [n], [n]
-    logp = item_logprobs(h_T, item_emb, targets, tau, mode, E, exclude, rows_used, impl)  # [n]
+        a = torch.zeros(B, device=A.device).index_copy(0, rows, A[rows])   # [B]
+    else:   # departure 11: a selected chain never pushes away from the true item
+        rows_used, a = rows, A[rows].clamp(min=0)                    # [n], [n]
+    logp = item_logprobs(h_T, item_emb, targets, tau, mode, E, exclude, rows_used, impl, negatives)  # [n]
     old = logp.detach() if old_logp_item is None else old_logp_item.detach().float()[rows_used]
     ratio = torch.exp(logp - old)[:, None]                           # [n, 1]
     per_row = _surrogate(ratio, a, eps_low, eps_high, reference_broadcast)   # [n,1] | [B,B,1]
     loss = per_row.mean() if reference_broadcast else per_row.sum() / B
     ones = torch.ones_like(ratio, dtype=torch.bool)
     clip_low, clip_high = _clip_fractions(ratio.detach(), a, ones, eps_low, eps_high)
-    stats = {"item_loss": loss.item(), "item_logp": logp.detach().mean().item(),
+    sel = logp.detach()[torch.isin(rows_used, rows)] if reference_broadcast else logp.detach()
+    stats = {"item_loss": loss.item(), "item_logp": sel.mean().item(),
              "item_ratio_mean": ratio.detach().mean().item(),
              "item_clip_low": clip_low, "item_clip_high": clip_high}
     return loss, stats

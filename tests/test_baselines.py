@@ -68,8 +68,9 @@ def test_popularity_matches_independent_on_fixture():
     target = rng.integers(1, 10, size=80)
     hist[:5, -1] = target[:5]
     test = ToySplit(hist, target)
-    ds = SimpleNamespace(name="toy", num_items=N, train=train, valid=test, test=test)
-    got = baselines.evaluate_popularity(ds, "test", batch_size=7, verbose=False)
+    ds = SimpleNamespace(name="toy", num_items=N, train=train, valid=test, test=test,
+                         train_counts=lambda: np.bincount(train.target, minlength=N + 1))   # as data.Dataset
+    got = ev.evaluate_popularity(ds, "test", batch_size=7, verbose=False)
     want = independent_popularity(ds, "test")
     assert want["hr@5"] > 0 and want["ndcg@20"] < 1
     for k in want:

@@ -78,12 +78,9 @@ def test_gpu_dry_orchestration(tmp_path):
 
 def test_e2e_tiny_phases_sum_to_step(tmp_path):
     """--e2e at a tiny size: every phase of train.py's step is seen, the phases account for the step time,
-    the results file ends with the table, and train.py's functions are restored afterwards."""
-    import recpo
-    import train
-    before = (train.decode, train.encode_items, recpo.compute_rewards, torch.Tensor.backward)
+    and the results file ends with the table (phases come from model.Phases: nothing is patched)."""
     small = ("--synthetic-users 150 --synthetic-items 80 --history 8 --prompt-history 3 --tiny-layers 1 "
-             "--tiny-hidden 32 --tiny-heads 2 --tiny-vocab 512 --max-new-tokens 3 --num-generations 2 "
+             "--tiny-hidden 32 --tiny-heads 2 --max-new-tokens 3 --num-generations 2 "
              "--batch-size 8 --micro-batch-size 4 --item-negatives 16 --train-recent 0")
     threads = torch.get_num_threads()
     # --threads 1: tiny ops on a shared CPU, where thread hand-offs cost more than the work
@@ -91,7 +88,6 @@ def test_e2e_tiny_phases_sum_to_step(tmp_path):
                       "1", "--e2e-configs", "tiny,large", "--e2e-args=" + small, "--e2e-large-args=--tiny-layers 2",
                       "--results-dir", str(tmp_path)])
     assert torch.get_num_threads() == threads
-    assert before == (train.decode, train.encode_items, recpo.compute_rewards, torch.Tensor.backward)
     assert [r["name"] for r in out["results"]] == ["tiny", "large"]
     for res in out["results"]:
         (run,) = res["runs"]                                        # 1 timed step (the warm-up is dropped)

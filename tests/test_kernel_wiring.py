@@ -29,15 +29,14 @@ def one_step(ds, model, tok, impl, device):
     G, idx = 3, [0, 3]
     prompts = r.split_prompt_ids(ds.train, idx)
     with torch.no_grad():
-        ro = r.generate(prompts, G=G, temperature=2.0, top_k=50, max_new_tokens=6, seed=1)
-        r.refresh_items(verbose=False)
-    logp, h_T, ent = r.forward_both(ro["input_ids"], ro["attention_mask"], ro["completion_mask"],
-                                    temperature=2.0, return_entropy=True)          # [N, L], [N, d]
+        ro, _ = r.decode(prompts, G=G, greedy=False, temperature=2.0, top_k=50, max_new_tokens=6, seed=1)
+        r.refresh_items()
+    logp, h_T, ent = r.forward_both(ro, G, temperature=2.0, return_entropy=True)    # [N, C], [N, d]
     targets = torch.as_tensor(ds.train.target[idx], device=device).repeat_interleave(G)   # [N]
     hist = torch.as_tensor(ds.train.hist[idx], device=device).repeat_interleave(G, 0)    # [N, H]
     adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.9, -1.2], device=device)                 # [N]
-    mask = ro["sampled_mask"]
-    old = ro["old_logp"].detach()
+    mask = ro["sampled_mask"][:, ro["prompt_len"]:]                                       # [N, C]
+    old = ro["old_logp"][:, ro["prompt_len"]:].detach()
     tl, _ = recpo.token_loss(logp, old, adv, mask)
     item_emb = r.encode_items(targets.tolist(), grad=True)                                # [N, d]
     il, _ = recpo.item_loss(h_T, item_emb, targets, adv, None, G, topk=1, tau=0.05, mode="full",

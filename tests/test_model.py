@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import reference_model as refm
 
 WORDS = ("red star night river lost city dark moon space king love war story blue iron ghost summer "
          "dream hunter secret road last time heart wild glass").split()
@@ -124,7 +125,7 @@ def test_truncation_drops_oldest_keeps_anchor(built, capsys):
     assert len(ids[0]) <= r.max_prompt_len
     assert "Analyze in depth" in text and f"[{ds.titles[s.hist[0, -1]]}]" in text
     assert text.count(" ago: [") == ds.history - 1                    # exactly the oldest line went
-    ro = r.no_reasoning(ids[:1])
+    ro = refm.no_reasoning(r, ids[:1])
     assert ro["input_ids"][0, -len(r.anchor_ids):].tolist() == r.anchor_ids
     r.split_prompt_ids(s, [0])
     assert "warning" not in capsys.readouterr().err                   # once
@@ -155,7 +156,7 @@ def test_pooling_same_under_left_and_right_padding(built, device):
             sl = slice(P - len(s), P) if side == "left" else slice(0, len(s))
             ids[i, sl], mask[i, sl] = torch.tensor(s), 1
         with torch.no_grad():
-            hs.append(r.forward_both(ids.to(device), mask.to(device), torch.zeros_like(mask).bool().to(device))[1])
+            hs.append(refm.forward_full(r, ids.to(device), mask.to(device), torch.zeros_like(mask).bool().to(device))[1])
     ref = torch.stack([F.normalize(plain_hidden(r, s)[-1].float(), dim=-1) for s in seqs]).detach()
     torch.testing.assert_close(hs[0], ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hs[1], ref, atol=1e-5, rtol=1e-5)
@@ -166,9 +167,11 @@ def test_one_pass_logprobs_and_h_T(built, device):
     r = make(built, device)
     prompts = r.split_prompt_ids(built[0].valid, [1, 2])
     T = 1.7
-    ro = r.generate(prompts, G=2, temperature=T, top_k=20, max_new_tokens=8, seed=1)
+    ro, _ = r.decode(prompts, G=2, greedy=False, temperature=T, top_k=20, max_new_tokens=8, seed=1)
     ids, am, cm = ro["input_ids"], ro["attention_mask"], ro["completion_mask"]
-    logp, h_T, ent = r.forward_both(ids, am, cm, temperature=T, return_entropy=True)
+    logp_c, h_T, ent_c = r.forward_both(ro, G=2, temperature=T, return_entropy=True)   # [N, C] columns
+    pad = torch.zeros(ids.shape[0], ro["prompt_len"], device=ids.device)
+    logp, ent = torch.cat([pad, logp_c], 1), torch.cat([pad, ent_c], 1)                  # [N, L]
     # reference: full logits from a plain HF forward with the same position ids
     pos = (am.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -209,7 +212,7 @@ def scripted(r, scripts):
             z[i, s[min(step["n"], len(s) - 1)]] = 50.0
         step["n"] += 1
         return z
-    r._logits = logits
+    r.logits = logits
 
 
 def test_generation_stops_at_anchor_and_appends_when_cut(built, device):
@@ -222,7 +225,7 @@ def test_generation_stops_at_anchor_and_appends_when_cut(built, device):
     prompts = r.split_prompt_ids(built[0].valid, [0, 1, 2])
     scripted(r, [a, b, c])
     n_max = len(a) + 3
-    ro = r.generate(prompts, max_new_tokens=n_max, greedy=True)
+    ro, _ = r.decode(prompts, max_new_tokens=n_max, greedy=True)
     texts = r.decode_completions(ro)
     assert texts[0] == "good films so <answer>" and not ro["cut"][0]
     assert ro["cut"].tolist() == [False, True, True]
@@ -241,10 +244,10 @@ def test_generation_stops_at_anchor_and_appends_when_cut(built, device):
 def test_greedy_deterministic_and_batch_free(built, device):
     r = make(built, device)
     prompts = r.split_prompt_ids(built[0].valid, [1, 2, 3])
-    x = r.generate(prompts, greedy=True, max_new_tokens=8)
-    y = r.generate(prompts, greedy=True, max_new_tokens=8, seed=123)
+    x, _ = r.decode(prompts, greedy=True, max_new_tokens=8)
+    y, _ = r.decode(prompts, greedy=True, max_new_tokens=8, seed=123)
     assert torch.equal(x["input_ids"], y["input_ids"])
-    solo = r.generate(prompts[2:3], greedy=True, max_new_tokens=8)   # different padding, same tokens
+    solo, _ = r.decode(prompts[2:3], greedy=True, max_new_tokens=8)   # different padding, same tokens
     assert r.decode_completions(solo)[0] == r.decode_completions(x)[2]
     # the log-probs (continuous, prompt-dependent) agree too: left padding + KV cache change nothing
     lp_solo, lp_batch = solo["old_logp"][0, solo["prompt_len"]:], x["old_logp"][2, x["prompt_len"]:]
@@ -255,8 +258,8 @@ def test_greedy_deterministic_and_batch_free(built, device):
 def test_sampling_reproducible_from_seed(built, device):
     r = make(built, device)
     prompts = r.split_prompt_ids(built[0].valid, [4, 5])
-    kw = dict(G=2, temperature=2.0, top_k=50, top_p=0.95, max_new_tokens=6)
-    a, b, c = r.generate(prompts, seed=7, **kw), r.generate(prompts, seed=7, **kw), r.generate(prompts, seed=8, **kw)
+    kw = dict(G=2, greedy=False, temperature=2.0, top_k=50, max_new_tokens=6)
+    a, b, c = (r.decode(prompts, seed=s, **kw)[0] for s in (7, 7, 8))
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["old_logp"], b["old_logp"])
     assert not torch.equal(a["input_ids"], c["input_ids"])
     assert a["input_ids"].shape[0] == 4
@@ -327,27 +330,32 @@ def test_checkpoint_round_trip(built, tmp_path, lora):
             model.model.norm.weight.mul_(1.5)    # "trained": differs from a fresh init
     r = M.R2ec(model, tok, ds, tau=0.05, impl="torch")
     r.refresh_items(batch_size=16, verbose=False)
-    ro = r.no_reasoning(r.split_prompt_ids(ds.valid, [0, 1, 2]))
+    ro, h_dec = r.decode(r.split_prompt_ids(ds.valid, [0, 1, 2]), max_new_tokens=0)
     with torch.no_grad():
-        h = r.forward_both(ro["input_ids"], ro["attention_mask"], ro["completion_mask"])[1]
+        h = r.forward_both(ro)[1]
     path = str(tmp_path / "ckpt")
-    os.makedirs(path)   # overwritten atomically
-    M.save_checkpoint(path, r, {"tau": 0.05, "lr": 1e-4}, extra_state={"step": 7, "rng": torch.get_rng_state()})
+    os.makedirs(path)   # a folder of the older layout: replaced atomically
+    cfg0 = {"tau": 0.05, "lr": 1e-4, "dataset": "fake", "history": 6, "init_from": "tiny"}
+    M.save_checkpoint(path, r, cfg0, train_state={"step": 7, "rng": torch.get_rng_state()})
     files = set(os.listdir(path))
     assert {"model.safetensors", "config.json", "run_config.json", "item_map.json", "item_table.safetensors",
             "train_state.pt", "tokenizer.json"} <= files and ("adapter.safetensors" in files) == lora
-    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f or ".old-" in f]
+    hidden = [f for f in os.listdir(tmp_path) if f.startswith(".")]
+    assert os.path.islink(path) and hidden == [os.readlink(path)]   # no leftovers of the swap
     imap = json.load(open(os.path.join(path, "item_map.json")))
     assert imap["items"][4] == {"id": 5, "raw_id": "r005", "title": ds.titles[5]}
-    r2, cfg, extra = M.load_checkpoint(path, dataset=ds)
+    r2, cfg = M.load_checkpoint(path, dataset=ds)
+    extra = M.load_train_state(path)
     r2.impl = "torch"
     assert cfg["lr"] == 1e-4 and r2.tau == 0.05 and extra["step"] == 7 and torch.equal(r2.table.E, r.table.E)
     assert r2.split_prompt_ids(ds.valid, [0, 1, 2]) == r.split_prompt_ids(ds.valid, [0, 1, 2])
     with torch.no_grad():
-        h2 = r2.forward_both(ro["input_ids"], ro["attention_mask"], ro["completion_mask"])[1]
+        h2 = r2.forward_both(ro)[1]
+        h2_dec = r2.decode(r2.split_prompt_ids(ds.valid, [0, 1, 2]), max_new_tokens=0)[1]
         E2 = r2.encode_items(range(1, 31), batch_size=16)
     tol = dict(atol=1e-5, rtol=1e-5) if lora else dict(atol=0, rtol=0)
     torch.testing.assert_close(h2, h, **tol)
+    torch.testing.assert_close(h2_dec, h_dec, **tol)
     torch.testing.assert_close(r2.scores(h2), r.scores(h), **({"atol": 1e-3, "rtol": 1e-5} if lora else tol))
     torch.testing.assert_close(E2, r.table.E[1:], **tol)
     other = fake_dataset(seed=9)
@@ -373,7 +381,7 @@ def test_hf_directory_loads(built, tmp_path, capsys):
     r = M.R2ec(model, tok2, ds, impl="torch")
     x = torch.tensor([r.item_prompt_ids([2])[0]])
     torch.testing.assert_close(model(input_ids=x).logits, src(input_ids=x).logits)
-    ro = r.generate(r.split_prompt_ids(ds.valid, [0, 1]), G=2, max_new_tokens=5, seed=0)
+    ro, _ = r.decode(r.split_prompt_ids(ds.valid, [0, 1]), G=2, greedy=False, max_new_tokens=5, seed=0)
     assert ro["input_ids"].shape[0] == 4 and ro["cut"].all()
     # a tokenizer without a chat template: plain template, one warning
     cfg_path = d / "tokenizer_config.json"
@@ -431,7 +439,7 @@ def test_with_real_synthetic_dataset(tmp_path):
     r = M.R2ec(model, tok, ds, impl="torch")
     h = r.encode_items([1, 2, 3])
     assert h.shape == (3, 64) and torch.isfinite(h).all()
-    ro = r.generate(r.split_prompt_ids(ds.train, [0, 1]), G=2, max_new_tokens=4, seed=0)
+    ro, _ = r.decode(r.split_prompt_ids(ds.train, [0, 1]), G=2, greedy=False, max_new_tokens=4, seed=0)
     assert ro["input_ids"].shape[0] == 4
     text = r.tok.decode(r.split_prompt_ids(ds.train, [len(ds.train) - 1])[0])
     assert "ago: [" in text and "next movie I might watch" in text
@@ -444,9 +452,10 @@ def test_bf16_lora_generate_and_backward(built, device):
                                   verbose=False)
     params = M.apply_lora(model, r=2, alpha=4.0, dropout=0.1)
     r = M.R2ec(model, tok, ds, impl="torch")
-    ro = r.generate(r.split_prompt_ids(ds.train, [1, 2]), G=2, temperature=2.0, top_k=50, max_new_tokens=4, seed=0)
+    ro, _ = r.decode(r.split_prompt_ids(ds.train, [1, 2]), G=2, greedy=False, temperature=2.0, top_k=50,
+                     max_new_tokens=4, seed=0)
     model.train()
-    logp, h_T, _ = r.forward_both(ro["input_ids"], ro["attention_mask"], ro["completion_mask"], temperature=2.0)
+    logp, h_T, _ = r.forward_both(ro, G=2, temperature=2.0)
     h_v = r.encode_items([3, 4], grad=True)
     assert logp.dtype == h_T.dtype == h_v.dtype == torch.float32 and torch.isfinite(logp).all()
     (logp.sum() + (h_T[:2] * h_v).sum()).backward()
