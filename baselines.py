@@ -179,6 +179,8 @@ def train_sasrec(dataset, d=64, n_blocks=2, n_heads=1, dropout=0.2, lr=1e-3, wei
 def run(args):
     t0 = time.time()
     device = ev.pick_device(args.device)
+    ev.check_kernels(args.impl, device, "--impl")
+    data.check_out_dir(args.out_dir, "--out-dir")   # refused now, not after training
     if device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     dataset = data.load_dataset(args.dataset, data_dir=args.data_dir, history=args.history)

@@ -1,19 +1,23 @@
 """Benchmarks for the two kernels (catalog softmax, token log-probs): time and memory against naive
 PyTorch and the peer libraries, with the napkin math (FLOPs, bytes, % of the measured peak).
 
-    python bench.py                   # CPU: reference (materialised) vs chunked torch path   (~3 min)
-    python bench.py --gpu             # CUDA: test suite, measured peaks, naive / ours / peers (~6 min H100)
-    python bench.py --gpu --dry       # the --gpu orchestration at tiny sizes on CPU (impl="torch")
+    python bench.py                   # CPU: reference vs torch vs chunked, 4 modes; writes the dispatch table
+    python bench.py --gpu             # CUDA: test suite, peaks, naive / ours chunked + triton / peers, 3 modes
+    python bench.py --gpu --dry       # the --gpu orchestration at tiny sizes on CPU (impl chunked and torch)
     python bench.py --gpu --out $OUT  # also copy the results table, JSON rows and full log into $OUT
     python bench.py --e2e             # one RecPO step of train.py, tiny + larger config, split into phases
 
-Protocol. Inputs are random (never zeros), logits ~ N(0, 2^2). "fwd" = the loss (or stats) forward under
-no_grad; "fwd+bwd" = loss forward + gradients w.r.t. both inputs (torch.autograd.grad). GPU times are
-medians of timed repeats after warm-up, CUDA events; CPU times are medians of --repeats perf_counter
-calls after the libraries were warmed up at a tiny size. FLOPs count the GEMMs
-only, the same count for every row so TFLOP/s compare: fwd 2MNd, fwd+bwd 8MNd (fwd + recompute + dH +
-dE; a kernel that computes gradients inside its forward, like Liger, does 6MNd). Floor = max(FLOPs /
-measured bf16 matmul peak, bytes / measured copy bandwidth), bytes = inputs read once + grads written.
+Protocol. Inputs are random (never zeros), logits ~ N(0, 2^2). Modes: "fwd" = the loss (CPU catalog: the
+stats) forward under no_grad; CPU "lossfwd" = the catalog loss forward under no_grad; "frozen" = loss forward +
+gradient w.r.t. the rows only (the table / LM head frozen, as under LoRA); "fwd+bwd" = loss forward + gradients
+w.r.t. both inputs (torch.autograd.grad). GPU times are medians of timed repeats after warm-up, CUDA events;
+CPU times are medians of --repeats perf_counter calls after the libraries were warmed up at a tiny size. FLOPs
+count the GEMMs only, the same textbook count for every row of a mode so TFLOP/s compare: fwd 2MNd, frozen
+6MNd (fwd + recompute + dH), fwd+bwd 8MNd (+ dE). The GPU table also gives each impl's own GEMM passes per
+mode and their floor at the measured bf16 matmul peak (a path that keeps z, like naive or Liger, or that gets
+dH from its forward, like ours chunked with a frozen table, needs fewer passes). Each measured run also writes
+the fastest of our bounded-memory paths per (device, dtype, op, grads, size decade) into
+kernels/dispatch.json, which impl="auto" follows (--dispatch-file '' to skip).
 CPU peak memory = input bytes + growth of the process's resident-set high-water mark (VmHWM, reset via
 /proc/self/clear_refs after the inputs exist), each case in its own process; "needed" = exact bytes of
 inputs + outputs + gradients. GPU peak memory = torch.cuda.max_memory_allocated above the inputs.
@@ -60,6 +64,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 from kernels.catalog import catalog_loss, catalog_stats  # noqa: E402
 from kernels.logprobs import token_logprobs  # noqa: E402
+import kernels  # noqa: E402
 
 GB = 1024 ** 3
 # GPU sizes: (op, label, dims). Catalog: M users x N items; logprob: T tokens x V vocab (Qwen2.5 vocab).
@@ -162,8 +167,46 @@ def peak_rss_growth(base):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # fallback: absolute, not a growth
 
 
+# CPU modes -> GEMM FLOPs per row in units of M*N*d (the same count for every impl of a mode)
+CPU_MODES = {"fwd": 2, "lossfwd": 2, "frozen": 6, "fwdbwd": 8}
+MODE_TEXT = {"fwd": "catalog_stats / token_logprobs, no grad", "lossfwd": "catalog_loss, no grad",
+             "frozen": "loss + grad of the rows (H / hidden), table frozen", "fwdbwd": "loss + grads of both"}
+
+
+def dispatch_grads(op, mode):
+    """The dispatch-table 'grads' field a bench mode measures (kernels.grads_key; 'stats' = catalog_stats)."""
+    return {"fwd": "stats" if op == "catalog" else "fwd", "lossfwd": "fwd", "frozen": "dX", "fwdbwd": "dX+dW"}[mode]
+
+
+DISPATCH_MARGIN = 0.05   # a path other than the default rule's must win by this much to be recorded
+
+
+def fastest(ms, default):
+    """The impl to record from measured {impl: ms}: the fastest, unless the default rule's impl (torch on
+    CPU, triton on CUDA) is within DISPATCH_MARGIN of it (a timing-noise win changes nothing)."""
+    best = min(ms, key=ms.get)
+    return default if default in ms and ms[best] > (1 - DISPATCH_MARGIN) * ms[default] else best
+
+
+def write_dispatch(path, entries):
+    """Merge measured entries {key: entry} into the dispatch table (kernels.DISPATCH_FILE), atomically."""
+    try:
+        with open(path) as f:
+            old = json.load(f)["entries"]
+    except (OSError, ValueError, KeyError):
+        old = []
+    merged = {e["key"]: e for e in old}
+    merged.update(entries)
+    about = ("impl='auto' choices measured by bench.py (python bench.py on CPU, bench.py --gpu on CUDA). key = "
+             "device kind|table dtype|op|grads|decade of rows*N*d; impl = the fastest bounded-memory path measured "
+             "(ms per candidate alongside). No entry for a call: the default rule of kernels.pick_impl.")
+    atomic_write(path, json.dumps(dict(about=about, entries=sorted(merged.values(), key=lambda e: e["key"])),
+                                  indent=1) + "\n")
+
+
 def cpu_fn(op, impl, mode, A, B, t, ex):
-    """The measured call; returns its outputs (kept alive only for the fingerprint)."""
+    """The measured call (modes: CPU_MODES / MODE_TEXT); returns its outputs (kept alive only for the
+    fingerprint)."""
     if op == "catalog" and mode == "fwd":
         with torch.no_grad():
             s = catalog_stats(A, B, t, exclude=ex, impl=impl)
@@ -171,43 +214,44 @@ def cpu_fn(op, impl, mode, A, B, t, ex):
     if op == "logprob" and mode == "fwd":
         with torch.no_grad():
             return (token_logprobs(A, B, t, impl=impl),)
-    if op == "catalog":
-        loss = catalog_loss(A, B, t, exclude=ex, impl=impl)
-    else:
-        loss = -token_logprobs(A, B, t, impl=impl).mean()
-    return (loss.detach(),) + tuple(torch.autograd.grad(loss, [A, B]))
+    with torch.set_grad_enabled(mode != "lossfwd"):
+        if op == "catalog":
+            loss = catalog_loss(A, B, t, exclude=ex, impl=impl)
+        else:
+            loss = -token_logprobs(A, B, t, impl=impl).mean()
+    if mode == "lossfwd":
+        return (loss,)
+    return (loss.detach(),) + tuple(torch.autograd.grad(loss, [A, B] if mode == "fwdbwd" else [A]))
 
 
-def _exact_rss_allocator():
-    """glibc: serve big blocks by mmap and give back what is cached, so the RSS high-water mark
-    measures what the op holds rather than what the allocator hoards. Only for the memory call:
-    mmap per block makes allocation slower, so the timed calls run before this is set."""
+def _set_allocator(mmap_threshold, trim_threshold=None):
+    """glibc: serve blocks above mmap_threshold by mmap (and give back what is cached now). 1 MiB for the
+    memory call, so the RSS high-water mark measures what the op holds rather than what the allocator
+    hoards; then 32 MiB / 64 MiB trim, the ceiling of glibc's own dynamic thresholds, for the timed calls
+    (so they reuse heap blocks as a long-running process does)."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+        if trim_threshold:
+            libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
         libc.malloc_trim(0)
     except Exception:
         pass
 
 
 def cpu_case(op, impl, mode, dims, repeats=1):
-    """Run one case in this process: inputs, `repeats` timed calls, then one call whose peak memory
-    is measured against a baseline taken after the inputs exist. No full-size warm-up: the libraries
-    are initialised at a tiny size first, and on a CPU the first call is not special."""
+    """Run one case in this process: inputs, one call whose peak memory is measured against a baseline
+    taken after the inputs exist, then `repeats` timed calls (median and min reported). No separate
+    full-size warm-up: the libraries are initialised at a tiny size first, and the memory call comes
+    before the timed ones."""
     M, N, d, X = dims["M"], dims["N"], dims["d"], dims.get("X", 0)
     # initialise the libraries (thread pools, allocator arenas) before the baseline, at a tiny size
     a, b, tt, e = make_inputs(op, 4, 64, 8, min(X, 3), seed=1)
-    cpu_fn(op, impl, mode, a.requires_grad_(mode == "fwdbwd"), b.requires_grad_(mode == "fwdbwd"), tt, e)
+    cpu_fn(op, impl, mode, a.requires_grad_(mode in ("frozen", "fwdbwd")), b.requires_grad_(mode == "fwdbwd"), tt, e)
     A, B, t, ex = make_inputs(op, M, N, d, X)
-    A.requires_grad_(mode == "fwdbwd"), B.requires_grad_(mode == "fwdbwd")
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        out = cpu_fn(op, impl, mode, A, B, t, ex)
-        times.append(time.perf_counter() - t0)
-        del out
-    _exact_rss_allocator()
+    A.requires_grad_(mode in ("frozen", "fwdbwd")), B.requires_grad_(mode == "fwdbwd")
+    _set_allocator(1 << 20)
     gc.collect()
     base = reset_peak_rss()
     out = cpu_fn(op, impl, mode, A, B, t, ex)
@@ -217,13 +261,28 @@ def cpu_case(op, impl, mode, dims, repeats=1):
     fp = [o.double().sum().item() if o.dim() <= 1 else o.double().norm().item() for o in out]
     out_bytes = nbytes(*out)
     del out
+    _set_allocator(32 << 20, 64 << 20)
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        out = cpu_fn(op, impl, mode, A, B, t, ex)
+        times.append(time.perf_counter() - t0)
+        del out
     in_bytes = nbytes(A, B, t, ex)
-    flops = (2 if mode == "fwd" else 8) * M * N * d
+    flops = CPU_MODES[mode] * M * N * d
     ms = statistics.median(times) * 1e3
-    return dict(op=op, impl=impl, mode=mode, dims=dims, ms=ms, times_ms=[x * 1e3 for x in times],
-                gflops=flops / ms / 1e6, in_bytes=in_bytes, needed_bytes=in_bytes + out_bytes,
-                peak_bytes=in_bytes + growth if method == "VmHWM" else growth,
+    return dict(op=op, impl=impl, mode=mode, dims=dims, ms=ms, min_ms=min(times) * 1e3,
+                times_ms=[x * 1e3 for x in times], gflops=flops / ms / 1e6, in_bytes=in_bytes,
+                needed_bytes=in_bytes + out_bytes, peak_bytes=in_bytes + growth if method == "VmHWM" else growth,
                 rss_method=method, fingerprint=fp, threads=torch.get_num_threads())
+
+
+def cpu_cases():
+    """(op, mode, impl) in table order. The materialised reference runs where it is the comparison (fwd,
+    fwd+bwd); frozen and loss-forward rows compare chunked with torch."""
+    return [(op, mode, impl) for op in ("catalog", "logprob") for mode in CPU_MODES
+            if not (op == "logprob" and mode == "lossfwd")
+            for impl in (("reference",) if mode in ("fwd", "fwdbwd") else ()) + ("torch", "chunked")]
 
 
 def cpu_main(args):
@@ -231,10 +290,9 @@ def cpu_main(args):
             "logprob": dict(M=args.T, N=args.V, d=args.d)}
     size_flags = ["--M", args.M, "--N", args.N, "--d", args.d, "--X", args.X, "--T", args.T, "--V", args.V,
                   "--repeats", args.repeats]
-    cases = [(op, impl, mode) for op in ("catalog", "logprob") for mode in ("fwd", "fwdbwd")
-             for impl in ("reference", "torch")]
+    cases = cpu_cases()
     res, t_start = {}, time.time()
-    for op, impl, mode in tqdm(cases, desc="cpu cases", file=sys.stderr):
+    for op, mode, impl in tqdm(cases, desc="cpu cases", file=sys.stderr):
         cmd = [sys.executable, os.path.abspath(__file__), "--case", f"{op}:{impl}:{mode}", "--json"]
         p = subprocess.run(cmd + [str(x) for x in size_flags], capture_output=True, text=True)
         if p.returncode != 0:  # a crashed case (e.g. killed for memory) is reported, not fatal
@@ -242,56 +300,84 @@ def cpu_main(args):
             continue
         res[op, impl, mode] = json.loads(p.stdout.strip().splitlines()[-1])
     total_s = time.time() - t_start
+    ok = lambda k: k in res and "error" not in res[k]  # noqa: E731
 
-    lines = ["| op | dims | mode | impl | ms (median) | GFLOP/s | peak GiB | needed GiB | peak/needed | "
-             "chunked/ref peak | chunked/ref extra | agrees w/ ref | peak <= 1.5x needed | extra <= ref/10 |",
-             "|" + "---|" * 14]
-    for op, impl, mode in cases:
+    lines = ["| op | dims | mode | impl | ms (median) | ms / torch | GFLOP/s | peak GiB | needed GiB | peak/needed | "
+             "peak / ref peak | extra / ref extra | agrees | peak <= 1.5x needed | extra <= ref/10 | "
+             "peak / same impl fwd+bwd peak |", "|" + "---|" * 16]
+    for op, mode, impl in cases:
         r = res[op, impl, mode]
         dimstr = " ".join(f"{k}={v}" for k, v in dims[op].items())
         if "error" in r:
-            lines.append(f"| {op} | {dimstr} | {mode} | {impl} | error: {r['error']} |" + " |" * 9)
+            lines.append(f"| {op} | {dimstr} | {mode} | {impl} | error: {r['error']} |" + " |" * 11)
             continue
-        ref = res[op, "reference", mode]
-        chk = ["", "", "", "", ""]
-        if impl == "torch" and "error" not in ref:
-            ratio_ref = r["peak_bytes"] / ref["peak_bytes"]
+        ref, tor, fb = (op, "reference", mode), (op, "torch", mode), (op, impl, "fwdbwd")
+        cells = [f"{r['ms'] / res[tor]['ms']:.2f}" if ok(tor) else "-"] + ["-"] * 4 + ["", ""]
+        cmp = ref if ok(ref) and impl != "reference" else tor if ok(tor) and impl == "chunked" else None
+        if cmp:
+            same = all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(r["fingerprint"], res[cmp]["fingerprint"]))
+            cells[3] = ("yes" if same else "NO") + (" (vs torch)" if cmp == tor else "")
+        if ok(ref) and impl != "reference":
+            rp = res[ref]
             # workspace: what each path holds beyond the inputs, outputs and grads it must have anyway
-            extra = max(0, r["peak_bytes"] - r["needed_bytes"]) / max(1, ref["peak_bytes"] - ref["needed_bytes"])
-            agree = all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(r["fingerprint"], ref["fingerprint"]))
-            chk = [f"{ratio_ref:.3f}", f"{extra:.3f}", "yes" if agree else "NO",
-                   "PASS" if r["peak_bytes"] <= 1.5 * r["needed_bytes"] else "FAIL",
-                   "PASS" if extra <= 0.1 else "FAIL"]
-        lines.append(f"| {op} | {dimstr} | {mode} | {impl} | {r['ms']:.0f} | {r['gflops']:.1f} | "
+            extra = max(0, r["peak_bytes"] - r["needed_bytes"]) / max(1, rp["peak_bytes"] - rp["needed_bytes"])
+            cells[1:3] = [f"{r['peak_bytes'] / rp['peak_bytes']:.3f}", f"{extra:.3f}"]
+            if impl == "torch":   # the memory bounds of the small-scratch path
+                cells[4:6] = ["PASS" if r["peak_bytes"] <= 1.5 * r["needed_bytes"] else "FAIL",
+                              "PASS" if extra <= 0.1 else "FAIL"]
+        if mode in ("lossfwd", "frozen") and ok(fb):
+            q = r["peak_bytes"] / res[fb]["peak_bytes"]
+            cells[6] = f"{q:.3f} {'PASS' if q <= 1.0 else 'FAIL'}"
+        lines.append(f"| {op} | {dimstr} | {mode} | {impl} | {r['ms']:.0f} | {cells[0]} | {r['gflops']:.1f} | "
                      f"{r['peak_bytes'] / GB:.3f} | {r['needed_bytes'] / GB:.3f} | "
-                     f"{r['peak_bytes'] / r['needed_bytes']:.2f} | " + " | ".join(chk) + " |")
+                     f"{r['peak_bytes'] / r['needed_bytes']:.2f} | " + " | ".join(cells[1:]) + " |")
     # napkin: with inputs counted, chunked/ref can never go below needed/ref; say so when that is > 1/10
     for op, mode in [(op, mode) for op in ("catalog", "logprob") for mode in ("fwd", "fwdbwd")]:
-        r, ref = res[op, "torch", mode], res[op, "reference", mode]
-        if "error" not in r and "error" not in ref and r["needed_bytes"] > 0.1 * ref["peak_bytes"]:
+        r, ref = res.get((op, "torch", mode), {}), res.get((op, "reference", mode), {})
+        if ok((op, "torch", mode)) and ok((op, "reference", mode)) and r["needed_bytes"] > 0.1 * ref["peak_bytes"]:
             lines.append(f"\nnote: {op} {mode}: needed/ref peak = {r['needed_bytes'] / ref['peak_bytes']:.3f} > 0.1, "
                          "so no path that holds its inputs, outputs and grads can be under 1/10 of the reference "
                          "here (the item table itself is as big as the logits when d = M); the 1/10 check therefore "
-                         "compares workspace: peak minus inputs, outputs and grads (column 'chunked/ref extra').")
-    table = "\n".join(lines)
-    cpu_model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+                         "compares workspace: peak minus inputs, outputs and grads (column 'extra / ref extra').")
+    # the measured dispatch entries: fastest bounded-memory path per (op, grads)
     date = datetime.date.today().isoformat()
+    entries = {}
+    for op, mode in dict.fromkeys((op, mode) for op, mode, _ in cases):
+        ms = {i: round(res[op, i, mode]["min_ms"], 1) for i in ("torch", "chunked") if ok((op, i, mode))}
+        if ms:
+            D = dims[op]
+            key = kernels.dispatch_key(kernels.device_kind("cpu"), torch.float32, op, dispatch_grads(op, mode),
+                                       D["M"], D["N"], D["d"])
+            entries[key] = dict(key=key, impl=fastest(ms, "torch"), ms=ms, dims=D, date=date, source="python bench.py",
+                                threads=res[op, "torch", mode].get("threads") if ok((op, "torch", mode)) else None)
+    lines.append("\nimpl='auto' dispatch entries measured here" + (f" (written to {args.dispatch_file})"
+                                                                 if args.dispatch_file else " (not written)") + ":")
+    lines += [f"- `{k}` -> {e['impl']} (min ms: {e['ms']})" for k, e in entries.items()]
+    if args.dispatch_file and entries:
+        write_dispatch(args.dispatch_file, entries)
+        kernels.dispatch_table.cache_clear()
+    table = "\n".join(lines)
+    cpu_model = kernels.device_kind("cpu").split(":", 1)[1]
+    threads = next((r["threads"] for r in res.values() if "threads" in r), "?")
     head = [f"# CPU benchmark: {cpu_model}, {os.cpu_count()} cores, {date}", "",
-            f"versions: {json.dumps(versions())}; torch threads: {res[cases[0]].get('threads', '?')}", "",
-            "fp32. fwd: catalog_stats (lse, target logit, rank; X excluded ids/row) / token_logprobs under "
-            "no_grad. fwd+bwd: catalog_loss / -token_logprobs.mean() + grads w.r.t. both inputs. "
-            f"{args.repeats} timed call(s) per case after a tiny-size warm-up, each case in its own process. "
-            "GFLOP/s counts 2MNd (fwd) / 8MNd (fwd+bwd) for every row. Peak = input bytes + growth of "
-            "VmHWM over the baseline taken after inputs exist, in a separate untimed call with glibc's mmap "
-            "threshold at 1 MiB so freed blocks leave the RSS; needed = exact bytes of inputs + outputs + "
-            "grads. Shared machine: timings are noisy.", "", f"total wall time: {total_s:.0f} s; load average at the end: "
+            f"versions: {json.dumps(versions())}; torch threads: {threads}", "",
+            "fp32. Modes: " + "; ".join(f"{m} = {t}" for m, t in MODE_TEXT.items()) + ". Impls: reference "
+            "(materialised logits), torch (small-scratch chunked path), chunked (row blocks x the whole catalog / "
+            f"vocabulary, <= {kernels.WORKSPACE_BYTES['cpu'] >> 20} MiB of logits per block). "
+            f"{args.repeats} timed call(s) per case after a tiny-size warm-up and the memory call, each case in "
+            "its own process. "
+            "GFLOP/s counts " + ", ".join(f"{c}MNd ({m})" for m, c in CPU_MODES.items()) + " for every row of a mode. "
+            "Peak = input bytes + growth of VmHWM over the baseline taken after inputs exist, in a separate untimed "
+            "first call with glibc's mmap threshold at 1 MiB so freed blocks leave the RSS (32 MiB for the timed "
+            "calls); needed = exact bytes of inputs "
+            "+ outputs + grads. 'peak / same impl fwd+bwd peak': the frozen-table and loss-forward rows against the "
+            "same path with both grads. Dispatch: the fastest of torch / chunked by the min over the timed calls, "
+            f"unless torch (the default rule) is within {DISPATCH_MARGIN:.0%}. Shared machine: timings are noisy.", "",
+            f"total wall time: {total_s:.0f} s; load average at the end: "
             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores", "", ""]
     save_results(args, f"cpu-{slug(cpu_model)}-{date}.md", head, table)
+    return dict(res=res, entries=entries)
+
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -316,8 +402,10 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, dev, warmup, reps):
-    """Median ms of `reps` calls after `warmup` calls. CUDA events around each call on GPU."""
+def time_ms(fn, dev, warmup, reps, budget_s=None):
+    """Median ms of up to `reps` calls after `warmup` calls; CUDA events around each call on GPU. Stops
+    early (after >= 1 timed call) once budget_s seconds have gone, warm-up included."""
+    t0 = time.time()
     for _ in range(warmup):
         fn()
     sync(dev)
@@ -331,9 +419,11 @@ def time_ms(fn, dev, warmup, reps):
             e.synchronize()
             ts.append(s.elapsed_time(e))
         else:
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
+            ts.append((time.perf_counter() - t1) * 1e3)
+        if budget_s is not None and time.time() - t0 > budget_s:
+            break
     return statistics.median(ts)
 
 
@@ -352,7 +442,8 @@ def measure_peaks(dev, dry):
 
 
 def run_cuda_tests(log, timeout):
-    files = [f for f in ("tests/test_catalog.py", "tests/test_logprobs.py") if os.path.exists(os.path.join(ROOT, f))]
+    files = [f for f in ("tests/test_catalog.py", "tests/test_logprobs.py", "tests/test_kernels_robust.py")
+             if os.path.exists(os.path.join(ROOT, f))]
     if not files:
         return "no test files found"
     env = dict(os.environ, R2EC_TEST_DEVICE="cuda")
@@ -429,15 +520,37 @@ def fp32_reference(H, E, t, ex, idx, budget_s):
     return rows, dH, dE
 
 
+# GPU modes -> textbook GEMM FLOPs in units of M*N*d, the same for every row so TFLOP/s compare:
+# fwd = z; frozen = z + recompute + dH (table frozen); fb = z + recompute + dH + dE
+GPU_MODES = {"fwd": 2, "frozen": 6, "fb": 8}
+MODE_NAMES = {"fwd": "forward only", "frozen": "fwd + dX (table frozen)", "fb": "fwd + dX + dW"}
+# GEMM passes (one pass = 2MNd) each impl really needs per mode: its floor at the measured matmul peak.
+# naive / Liger keep or compute the logits gradient while the logits exist (no recompute); ours chunked
+# (frozen: dX from the forward's q) and the fused Triton path recompute z in the backward, as does CCE.
+GEMMS = {"naive": dict(fwd=1, frozen=2, fb=3), "ours (chunked)": dict(fwd=1, frozen=2, fb=4),
+         "ours (torch)": dict(fwd=1, frozen=2, fb=4), "ours (triton)": dict(fwd=1, frozen=3, fb=4),
+         "liger": dict(fwd=1, frozen=2, fb=3), "cce": dict(fwd=1, frozen=3, fb=4), "cce-exact": dict(fwd=1, frozen=3, fb=4),
+         "dry-peer (naive, no mask)": dict(fwd=1, frozen=2, fb=3)}
+
+
 def bench_row(name, loss_fn, A, B, ref, idx, dev, args):
-    """fwd and fwd+bwd of loss_fn(A, B, reduction): ms, peak bytes, rel. errors. Errors -> strings."""
-    r = dict(impl=name)
+    """Each mode of GPU_MODES for loss_fn(A, B, reduction): ms, peak bytes, rel. errors. Errors -> strings.
+    Time-boxed: once the row has run --row-budget-s seconds its remaining modes are skipped and its timing
+    loops stop early (a slow peer cannot eat the run)."""
+    r, t_row = dict(impl=name), time.time()
+    budget = getattr(args, "row_budget_s", None)
     Ag, Bg = A.detach().requires_grad_(), B.detach().requires_grad_()
-    fwd = lambda: loss_fn(A, B, "mean")                                     # noqa: E731
-    fb = lambda: torch.autograd.grad(loss_fn(Ag, Bg, "mean"), [Ag, Bg])     # noqa: E731
-    for mode, fn in (("fwd", fwd), ("fb", fb)):
+    fns = {"fwd": lambda: loss_fn(A, B, "mean"),
+           "frozen": lambda: torch.autograd.grad(loss_fn(Ag, B, "mean"), [Ag]),
+           "fb": lambda: torch.autograd.grad(loss_fn(Ag, Bg, "mean"), [Ag, Bg])}
+    for mode, fn in fns.items():
+        left = None if budget is None else budget - (time.time() - t_row)
+        if left is not None and left <= 0:
+            r[f"{mode}_ms"] = "skipped"
+            r["note"] = f"time-boxed: past --row-budget-s {budget:g}"
+            continue
         try:
-            with torch.set_grad_enabled(mode == "fb"):
+            with torch.set_grad_enabled(mode != "fwd"):
                 fn()                                                        # compile / autotune
                 sync(dev)
                 if dev.type == "cuda":
@@ -446,10 +559,11 @@ def bench_row(name, loss_fn, A, B, ref, idx, dev, args):
                 out = fn()
                 sync(dev)
                 r[f"{mode}_peak"] = torch.cuda.max_memory_allocated() - base if dev.type == "cuda" else None
-                if ref is not None and mode == "fb":
-                    r["err_grad"] = max(relerr(out[0], ref[1]), relerr(out[1][idx], ref[2]))
+                if ref is not None and mode != "fwd":
+                    r[f"err_{mode}"] = max([relerr(out[0], ref[1])] + [relerr(g[idx], ref[2]) for g in out[1:]])
                 del out
-                r[f"{mode}_ms"] = time_ms(fn, dev, args.warmup, args.reps)
+                r[f"{mode}_ms"] = time_ms(fn, dev, args.warmup, args.reps,
+                                          None if left is None else max(0.0, budget - (time.time() - t_row)))
                 if ref is not None and mode == "fwd":
                     r["err_fwd"] = relerr(loss_fn(A, B, "none"), ref[0])
         except torch.OutOfMemoryError:
@@ -464,7 +578,7 @@ def bench_row(name, loss_fn, A, B, ref, idx, dev, args):
     return r
 
 
-def bench_op(op, label, dims, dev, dtype, peers, impl, args, log):
+def bench_op(op, label, dims, dev, dtype, peers, impls, args, log):
     M, N, d = dims["M"], dims["N"], dims["d"]
     A, B, t, ex = make_inputs(op, M, N, d, dims.get("X", 0), device=dev, dtype=dtype)
     # dE is checked on a random row subset (plus every target row) to keep the reference small
@@ -479,25 +593,25 @@ def bench_op(op, label, dims, dev, dtype, peers, impl, args, log):
             log("  fp32 reference: OOM")
         gc.collect()
         log(f"  fp32 reference ({key}): {'skipped' if refs[key] is None else f'{time.time() - t0:.1f} s'}")
-    if op == "catalog":
-        ours = lambda H, E, r: catalog_loss(H, E, t, exclude=ex, reduction=r, impl=impl)  # noqa: E731
-        naive = lambda H, E, r: naive_loss(H, E, t, ex, r)                                # noqa: E731
-    else:
-        ours = lambda H, E, r: (lambda lp: -lp.mean() if r == "mean" else -lp)(           # noqa: E731
-            token_logprobs(H, E, t, impl=impl))
-        naive = lambda H, E, r: naive_loss(H, E, t, None, r)                              # noqa: E731
+
+    def ours(impl):
+        if op == "catalog":
+            return lambda H, E, r: catalog_loss(H, E, t, exclude=ex, reduction=r, impl=impl)
+        return lambda H, E, r: (lambda lp: -lp.mean() if r == "mean" else -lp)(token_logprobs(H, E, t, impl=impl))
+    naive = (lambda H, E, r: naive_loss(H, E, t, ex if op == "catalog" else None, r))         # noqa: E731
     ref_ours = refs.get("excl") if op == "catalog" else refs["plain"]
-    rows = [bench_row("naive", naive, A, B, ref_ours, idx, dev, args),
-            bench_row(f"ours ({impl})", ours, A, B, ref_ours, idx, dev, args)]
+    rows = [bench_row("naive", naive, A, B, ref_ours, idx, dev, args)]
+    rows += [bench_row(f"ours ({impl})", ours(impl), A, B, ref_ours, idx, dev, args) for impl in impls]
     for name, fn in peers.items():
         if isinstance(fn, str):
             rows.append(dict(impl=name, note=fn))
         else:
             rows.append(bench_row(name, lambda H, E, r, fn=fn: fn(H, E, t, r), A, B, refs["plain"], idx, dev, args))
     for r in rows:
-        r.update(op=op, label=label, dims=dims, excl=(op == "catalog" and r["impl"] in ("naive", f"ours ({impl})")))
-        log(f"  {r['impl']}: " + ", ".join(f"{k}={fmt(r[k], '.4g')}" for k in
-                                           ("fwd_ms", "fb_ms", "fwd_peak", "fb_peak", "err_fwd", "err_grad", "note") if k in r))
+        r.update(op=op, label=label, dims=dims, excl=(op == "catalog" and (r["impl"] == "naive"
+                                                                          or r["impl"].startswith("ours"))))
+        log(f"  {r['impl']}: " + ", ".join(f"{k}={fmt(r[k], '.4g')}" for k in sorted(r) if k.endswith(("_ms", "_peak"))
+                                           or k.startswith("err") or k == "note"))
         if "traceback" in r and log.f:
             log.f.write(r.pop("traceback"))
         r.pop("traceback", None)
@@ -509,7 +623,7 @@ def bench_op(op, label, dims, dev, dtype, peers, impl, args, log):
 
 
 def gpu_table(rows, peak, dtype_name):
-    """Markdown: napkin lines per (op, size), then one row per impl, then the issue's checks."""
+    """Markdown: napkin lines per (op, size), then one row per (impl, mode), then the issue's checks."""
     out, seen = [], set()
     tf, bw = peak["matmul_tflops"] * 1e12, peak["copy_gbs"] * 1e9
     for r in rows:
@@ -519,62 +633,82 @@ def gpu_table(rows, peak, dtype_name):
         seen.add(key)
         M, N, d = r["dims"]["M"], r["dims"]["N"], r["dims"]["d"]
         el = 2 if dtype_name == "bf16" else 4
-        fl_f, fl_b = 2 * M * N * d, 8 * M * N * d
-        by_f, by_b = (M + N) * d * el, 3 * (M + N) * d * el  # read inputs (twice for bwd) + write grads
+        by_b = 3 * (M + N) * d * el  # read inputs (twice for bwd) + write grads
         out.append(f"- {r['op']} {r['label']} ({', '.join(f'{k}={v:,}' for k, v in r['dims'].items())}, {dtype_name}): "
-                   f"fwd {fl_f / 1e12:.2f} TFLOP, floor {max(fl_f / tf, by_f / bw) * 1e3:.2f} ms; fwd+bwd "
-                   f"{fl_b / 1e12:.2f} TFLOP, floor {max(fl_b / tf, by_b / bw) * 1e3:.2f} ms "
-                   f"(bytes floor {by_b / bw * 1e3:.3f} ms: GEMM-bound); fp32 logits would be {M * N * 4 / GB:.1f} GiB")
-    out += ["", "| op | size | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s (% peak) | fwd+bwd TFLOP/s (% peak) | "
-            "fwd+bwd / floor | fwd peak GiB | fwd+bwd peak GiB | err fwd | err grad | note |", "|" + "---|" * 13]
+                   f"one GEMM pass (2MNd) = {2 * M * N * d / 1e12:.2f} TFLOP = {2 * M * N * d / tf * 1e3:.2f} ms at the "
+                   f"measured peak; bytes floor {by_b / bw * 1e3:.3f} ms (GEMM-bound); fp32 logits would be "
+                   f"{M * N * 4 / GB:.1f} GiB")
+    out += ["", "| op | size | impl | mode | ms | TFLOP/s (% peak) | GEMM passes | floor ms | ms / floor | peak GiB | "
+            "err | note |", "|" + "---|" * 12]
+    gib = lambda v: fmt(v / GB, ".2f") if isinstance(v, int) else fmt(v)  # noqa: E731
     for r in rows:
         M, N, d = r["dims"]["M"], r["dims"]["N"], r["dims"]["d"]
-        cells = []
-        for mode, fl in (("fwd", 2 * M * N * d), ("fb", 8 * M * N * d)):
-            ms = r.get(f"{mode}_ms")
-            cells.append(f"{fl / ms / 1e9:.3g} ({100 * fl / ms / 1e9 / peak['matmul_tflops']:.0f}%)"
-                         if isinstance(ms, float) else "-")
-        fb = r.get("fb_ms")
-        ratio = f"{fb / (8 * M * N * d / tf * 1e3):.2f}x" if isinstance(fb, float) else "-"
-        gib = lambda v: fmt(v / GB, ".2f") if isinstance(v, int) else fmt(v)  # noqa: E731
         note = "; ".join(x for x in (f"masks {r['dims'].get('X')} ids/row + pad" if r.get("excl") else "",
                                      r.get("note", "")) if x)
-        out.append(f"| {r['op']} | {r['label']} | {r['impl']} | {fmt(r.get('fwd_ms'), '.2f')} | "
-                   f"{fmt(r.get('fb_ms'), '.2f')} | {cells[0]} | {cells[1]} | {ratio} | {gib(r.get('fwd_peak'))} | "
-                   f"{gib(r.get('fb_peak'))} | {fmt(r.get('err_fwd'), '.1e')} | {fmt(r.get('err_grad'), '.1e')} | {note} |")
-    out += ["", "Checks at the large sizes: ours fwd+bwd >= 2x faster than naive, peak <= 1/10 of naive, "
-            "within 1.3x of the fastest peer:"]
+        if not any(f"{m}_ms" in r for m in GPU_MODES):
+            out.append(f"| {r['op']} | {r['label']} | {r['impl']} | - | - | - | - | - | - | - | - | {note} |")
+            continue
+        for mode, units in GPU_MODES.items():
+            ms, n = r.get(f"{mode}_ms"), GEMMS.get(r["impl"], {}).get(mode)
+            floor = n * 2 * M * N * d / tf * 1e3 if n else None
+            rate = f"{units * M * N * d / ms / 1e9:.3g} ({100 * units * M * N * d / ms / 1e9 / peak['matmul_tflops']:.0f}%)" \
+                if isinstance(ms, float) else "-"
+            out.append(f"| {r['op']} | {r['label']} | {r['impl']} | {MODE_NAMES[mode]} | {fmt(ms, '.2f')} | {rate} | "
+                       f"{fmt(n, 'd')} | {fmt(floor, '.2f')} | "
+                       f"{f'{ms / floor:.2f}x' if isinstance(ms, float) and floor else '-'} | "
+                       f"{gib(r.get(f'{mode}_peak'))} | {fmt(r.get(f'err_{mode}'), '.1e')} | {note} |")
+    out += ["", "Checks at the large sizes: ours (fastest path) fwd+bwd >= 2x faster than naive, peak "
+            "<= 1/10 of naive, within 1.3x of the fastest peer:"]
     for op in ("catalog", "logprob"):
         rs = [r for r in rows if r["op"] == op and r["label"] == "large"]
-        ours = next((r for r in rs if r["impl"].startswith("ours")), None)
-        if ours is None or not isinstance(ours.get("fb_ms"), float):
-            out.append(f"- {op}: ours has no fwd+bwd time ({ours.get('fb_ms') if ours else 'not run'})")
+        timed = [r for r in rs if r["impl"].startswith("ours") and isinstance(r.get("fb_ms"), float)]
+        if not timed:
+            out.append(f"- {op}: ours has no fwd+bwd time")
             continue
+        ours = min(timed, key=lambda r: r["fb_ms"])
         nv = next((r for r in rs if r["impl"] == "naive"), {})
         if nv.get("fb_ms") == "OOM":
             out.append(f"- {op}: vs naive: PASS (naive OOM on this device)")
         elif isinstance(nv.get("fb_ms"), float):
             sp, mem = nv["fb_ms"] / ours["fb_ms"], (ours["fb_peak"] / nv["fb_peak"] if isinstance(ours.get("fb_peak"), int)
                                                      and nv.get("fb_peak") else None)
-            out.append(f"- {op}: speed-up vs naive {sp:.2f}x {'PASS' if sp >= 2 else 'FAIL'}; peak memory ours/naive "
-                       f"{fmt(mem, '.3f')} {'PASS' if mem is not None and mem <= 0.1 else 'FAIL' if mem else 'n/a'}")
-        pe = [r for r in rs if r["impl"] in ("liger", "cce", "cce-exact", "dry-peer (naive, no mask)") and isinstance(r.get("fb_ms"), float)]
+            out.append(f"- {op}: {ours['impl']} speed-up vs naive {sp:.2f}x {'PASS' if sp >= 2 else 'FAIL'}; peak memory "
+                       f"ours/naive {fmt(mem, '.3f')} {'PASS' if mem is not None and mem <= 0.1 else 'FAIL' if mem else 'n/a'}")
+        pe = [r for r in rs if r["impl"] in GEMMS and not r["impl"].startswith(("ours", "naive"))
+              and isinstance(r.get("fb_ms"), float)]
         if pe:
             best = min(pe, key=lambda r: r["fb_ms"])
             q = ours["fb_ms"] / best["fb_ms"]
-            out.append(f"- {op}: ours / fastest peer ({best['impl']}) = {q:.2f}x {'PASS' if q <= 1.3 else 'FAIL'}")
+            out.append(f"- {op}: {ours['impl']} / fastest peer ({best['impl']}) = {q:.2f}x {'PASS' if q <= 1.3 else 'FAIL'}")
         else:
             out.append(f"- {op}: no peer ran")
     return "\n".join(out)
 
 
+def gpu_dispatch(rows, kind, dtype):
+    """Dispatch entries from the GPU rows: per (op, size, mode) the fastest of our paths."""
+    entries, date = {}, datetime.date.today().isoformat()
+    for r0 in rows:
+        if r0["impl"] != "naive" or "dims" not in r0:
+            continue
+        D = r0["dims"]
+        for mode in GPU_MODES:
+            ms = {r["impl"][6:-1]: round(r[f"{mode}_ms"], 2) for r in rows if r["op"] == r0["op"]
+                  and r["label"] == r0["label"] and r["impl"].startswith("ours (") and isinstance(r.get(f"{mode}_ms"), float)}
+            if ms:
+                grads = {"fwd": "fwd", "frozen": "dX", "fb": "dX+dW"}[mode]                  # catalog: the loss
+                key = kernels.dispatch_key(kind, dtype, r0["op"], grads, D["M"], D["N"], D["d"])
+                entries[key] = dict(key=key, impl=fastest(ms, "triton"), ms=ms, dims=D, date=date, source="bench.py --gpu")
+    return entries
+
+
 def gpu_main(args):
     if args.dry:
-        dev, dtype, dtype_name, impl, sizes = torch.device("cpu"), torch.float32, "fp32", "torch", DRY_SIZES
+        dev, dtype, dtype_name, impls, sizes = torch.device("cpu"), torch.float32, "fp32", ("chunked", "torch"), DRY_SIZES
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny ops: thread hand-offs cost more than the work on a busy CPU
         try:
-            return _gpu_main(args, dev, dtype, dtype_name, impl, sizes)
+            return _gpu_main(args, dev, dtype, dtype_name, impls, sizes)
         finally:
             torch.set_num_threads(threads)
     else:
@@ -583,11 +717,11 @@ def gpu_main(args):
                              "use `python bench.py --gpu --dry` to check the orchestration on CPU")
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise BenchError("TRITON_INTERPRET=1 is set in the environment; unset it for --gpu (real compilation)")
-        dev, dtype, dtype_name, impl, sizes = torch.device("cuda"), torch.bfloat16, "bf16", "triton", GPU_SIZES
-    return _gpu_main(args, dev, dtype, dtype_name, impl, sizes)
+        dev, dtype, dtype_name, impls, sizes = torch.device("cuda"), torch.bfloat16, "bf16", ("chunked", "triton"), GPU_SIZES
+    return _gpu_main(args, dev, dtype, dtype_name, impls, sizes)
 
 
-def _gpu_main(args, dev, dtype, dtype_name, impl, sizes):
+def _gpu_main(args, dev, dtype, dtype_name, impls, sizes):
     t_start, log = time.time(), Log(args.out)
     if dev.type == "cuda":
         name = torch.cuda.get_device_name()
@@ -598,7 +732,7 @@ def _gpu_main(args, dev, dtype, dtype_name, impl, sizes):
             drv = "?"
         machine = f"{name}, driver {drv}, CUDA {torch.version.cuda}, {torch.cuda.get_device_properties(0).total_memory / GB:.0f} GiB"
     else:
-        name, machine = "dry-cpu", "CPU (--dry: tiny sizes, impl=torch; numbers mean nothing)"
+        name, machine = "dry-cpu", "CPU (--dry: tiny sizes, impl=chunked and torch; numbers mean nothing)"
     log(f"# bench.py --gpu{' --dry' if args.dry else ''}: {machine}")
     log(f"versions: {json.dumps(versions())}")
     tests = "skipped (--dry)" if args.dry else "skipped (--no-tests)" if args.no_tests else run_cuda_tests(log, args.test_timeout)
@@ -615,7 +749,7 @@ def _gpu_main(args, dev, dtype, dtype_name, impl, sizes):
             continue
         log(f"{op} {label} {dims}:")
         try:  # one size failing outside a row (inputs, reference) must not lose the others
-            rows += bench_op(op, label, dims, dev, dtype, peers, impl, args, log)
+            rows += bench_op(op, label, dims, dev, dtype, peers, impls, args, log)
         except Exception as e:
             log(f"  failed: {type(e).__name__}: {e}")
             if log.f:
@@ -631,15 +765,22 @@ def _gpu_main(args, dev, dtype, dtype_name, impl, sizes):
             f"CUDA test suite (real Triton compile): {tests}", "",
             f"measured peaks: matmul {peak['matmul_tflops']:.1f} TFLOP/s ({dtype_name} {peak['matmul_n']}^3), "
             f"device copy {peak['copy_gbs']:.0f} GB/s (read+write). Medians of {args.reps} timed calls after "
-            f"{args.warmup + 2} warm-up calls, CUDA events. FLOPs: fwd 2MNd, fwd+bwd 8MNd for every row. "
-            "Peak = max_memory_allocated above the inputs. err = ||out-ref||/||ref|| vs fp32 on the upcast "
-            "inputs (grad: max over dH, dE rows subset). cce = Cut Cross-Entropy defaults (filter_eps='high', "
-            "approximate gradients); cce-exact = filter_eps=None. Peers mask nothing.", ""]
+            f"{args.warmup + 2} warm-up calls (fewer past --row-budget-s {args.row_budget_s:g} s per row), CUDA "
+            "events. Modes: " + "; ".join(f"{MODE_NAMES[m]} ({m}): {c}MNd" for m, c in GPU_MODES.items()) + " of "
+            "FLOPs for every row (TFLOP/s compare); GEMM passes = what the impl really runs (one pass = 2MNd), floor "
+            "= passes at the measured matmul peak. ours (chunked) = row blocks x the whole catalog, cuBLAS; ours "
+            "(triton) = the fused kernels. Peak = max_memory_allocated above the inputs. err = ||out-ref||/||ref|| vs "
+            "fp32 on the upcast inputs (grad: max over dH, dE rows subset). cce = Cut Cross-Entropy defaults "
+            "(filter_eps='high', approximate gradients); cce-exact = filter_eps=None. Peers mask nothing.", ""]
     text = "\n".join(head) + gpu_table(rows, peak, dtype_name) + f"\n\ntotal wall time: {time.time() - t_start:.0f} s\n"
     path = None
     if not args.dry:
         path = os.path.join(args.results_dir, f"{slug(name)}-{date}.md")
         atomic_write(path, text)
+        entries = gpu_dispatch(rows, kernels.device_kind(dev), dtype)
+        if args.dispatch_file and entries:
+            write_dispatch(args.dispatch_file, entries)
+            log(f"dispatch entries written to {args.dispatch_file}: " + ", ".join(f"{k} -> {e['impl']}" for k, e in entries.items()))
     if args.out:
         atomic_write(os.path.join(args.out, f"{slug(name)}-{date}.md"), text)
         atomic_write(os.path.join(args.out, "bench-gpu.json"),
@@ -836,7 +977,8 @@ def main(argv=None):
     p.add_argument("--T", type=int, default=2048, help="log-prob: tokens")
     p.add_argument("--V", type=int, default=50_000, help="log-prob: vocabulary")
     p.add_argument("--d", type=int, default=256, help="hidden size")
-    p.add_argument("--repeats", type=int, default=1, help="CPU: timed calls per case (libraries warmed up at a tiny size)")
+    p.add_argument("--repeats", type=int, default=3, help="CPU: timed calls per case, after the memory call "
+                   "(libraries warmed up at a tiny size); the table gives the median, the dispatch uses the min")
     # ---- GPU protocol
     p.add_argument("--warmup", type=int, default=2, help="GPU: warm-up calls before timing")
     p.add_argument("--reps", type=int, default=7, help="GPU: timed calls (median reported)")
@@ -845,6 +987,10 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=330, help="GPU: start no new size after this many seconds")
     p.add_argument("--ref-budget-s", type=float, default=45, help="GPU: give up an fp32 reference after this long")
     p.add_argument("--no-ref", action="store_true", help="GPU: skip the fp32 references (no error columns)")
+    p.add_argument("--row-budget-s", type=float, default=60, help="GPU: seconds one impl row may take (all its "
+                   "modes); past it, its timing loops stop early and its remaining modes are skipped")
+    p.add_argument("--dispatch-file", default=kernels.DISPATCH_FILE, help="where the measured impl='auto' entries "
+                   "go ('' = not written; never with --dry)")
     # ---- end to end (--e2e)
     p.add_argument("--dataset", default="synthetic", help="--e2e: train.py --dataset (synthetic | ml-100k | ...)")
     p.add_argument("--steps", type=int, default=3, help="--e2e: timed steps per config, after 1 warm-up step")
@@ -866,8 +1012,8 @@ def main(argv=None):
     try:
         if args.case:
             parts = args.case.split(":")
-            if len(parts) != 3 or parts[0] not in ("catalog", "logprob") or parts[2] not in ("fwd", "fwdbwd"):
-                raise BenchError(f"--case {args.case!r}: expected catalog|logprob:impl:fwd|fwdbwd")
+            if len(parts) != 3 or parts[0] not in ("catalog", "logprob") or parts[2] not in CPU_MODES:
+                raise BenchError(f"--case {args.case!r}: expected catalog|logprob:impl:{'|'.join(CPU_MODES)}")
             dims = dict(M=args.M, N=args.N, d=args.d, X=args.X) if parts[0] == "catalog" else \
                 dict(M=args.T, N=args.V, d=args.d)
             r = cpu_case(parts[0], parts[1], parts[2], dims, args.repeats)

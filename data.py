@@ -74,7 +74,8 @@ DOMAINS = {
 
 # ----------------------------------------------------------------------------- shared helpers
 # Every CLI of the project (data, train, eval, baselines, bench) uses these: one user-error type,
-# one parser that prints `error: ...` on one line and exits 2, one slug, one atomic write.
+# one parser that prints `error: ...` on one line and exits 2, one slug, one atomic write, one JSONL
+# log, and the few collectives a run under torchrun needs (section "distributed" below).
 
 class UserError(Exception):
     """A user-facing problem: CLIs print `error: <msg>` on one line and exit 2 (no traceback)."""
@@ -93,12 +94,16 @@ class CLIParser(argparse.ArgumentParser):
 
 
 def run_cli(fn, *args):
-    """Call fn(*args); a UserError becomes `error: <msg>` on stderr and exit code 2."""
+    """Call fn(*args); a UserError becomes `error: <msg>` on stderr and exit code 2. Launched by torchrun,
+    the process joins its group first and leaves it at the end (init_distributed)."""
+    init_distributed()
     try:
         return fn(*args)
     except UserError as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        close_distributed()
 
 
 def _number(kind, lo=None, lo_open=False, hi=None):
@@ -141,6 +146,17 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def check_out_dir(path, flag):
+    """Refuse an output folder that could not be created or written, before any work is done."""
+    p = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)   # the nearest existing ancestor: where the first mkdir would happen
+    if not os.path.isdir(p):
+        raise UserError(f"{flag} {path}: {p} is a file, not a folder; choose another {flag}")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: folder {p} is not writable; choose another {flag}")
+
+
 def atomic_write(path, content):
     """Write str/bytes to path via a fsynced temp file + rename: readers see the old or the new file."""
     d = os.path.dirname(os.path.abspath(path))
@@ -152,6 +168,145 @@ def atomic_write(path, content):
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(d)
+
+
+def jsonl_logger(path):
+    """log(record, line=None): append a JSON record to path (flushed), print the line above any progress
+    bar. Under torchrun only the main process logs; on the others log() does nothing."""
+    if not is_main():
+        return lambda rec, line=None: None
+    from tqdm import tqdm
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    f = open(path, "a")
+
+    def log(rec, line=None):
+        print(json.dumps(rec), file=f, flush=True)
+        if line:
+            tqdm.write(line)
+    return log
+
+
+# ----------------------------------------------------------------------------- distributed
+# `torchrun --nproc_per_node N train.py ...` starts N processes and gives each RANK, WORLD_SIZE and
+# LOCAL_RANK; run_cli() joins them into one group: NCCL carries CUDA tensors, gloo CPU tensors (and
+# every tensor on a machine without CUDA). Without torchrun, or with N = 1, there is no group and every
+# helper below returns at once: the single-process path runs no collective at all.
+
+def world():
+    """Number of processes (torchrun's WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank():
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main():
+    """True on the one process that prints, logs and writes checkpoints (rank 0)."""
+    return rank() == 0
+
+
+def init_distributed():
+    """Join torchrun's process group (once); the other processes' stdout goes to /dev/null."""
+    if world() == 1:
+        return
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        cuda, local = torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", "0"))
+        if cuda and local < torch.cuda.device_count():   # one GPU per process (eval.pick_device agrees)
+            torch.cuda.set_device(local)
+        # generous timeout: the others wait at a barrier while rank 0 builds a large dataset's cache
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+
+
+def close_distributed():
+    if world() > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def rank_slice(n):
+    """This process's contiguous share of n things (n a multiple of world())."""
+    return slice(rank() * n // world(), (rank() + 1) * n // world())
+
+
+def barrier():
+    if world() > 1:
+        import torch
+        torch.distributed.all_reduce(torch.zeros(1))   # a CPU tensor: gloo, whatever the device
+
+
+def main_first(fn, *args, **kw):
+    """fn(*args, **kw) on the main process first (it builds the caches: dataset, tokenizer, converted
+    GGUF), then on the others, which read them."""
+    if not is_main():
+        barrier()
+    out = fn(*args, **kw)
+    if is_main():
+        barrier()
+    return out
+
+
+def all_reduce(x, op="sum"):
+    """Sum (op="max": maximum) over the processes: a tensor in place (returned), or a dict of numbers
+    (-> a new dict; a CPU float64 tensor under the hood)."""
+    if world() == 1 or isinstance(x, dict) and not x:
+        return x
+    import torch
+    import torch.distributed as dist
+    o = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    if isinstance(x, dict):
+        keys = sorted(x)
+        t = torch.tensor([float(x[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(t, o)
+        return {k: type(x[k])(v) for k, v in zip(keys, t.tolist())}
+    dist.all_reduce(x, o)
+    return x
+
+
+def any_rank(flag):
+    """True on every process if flag is True on any: a decision read off a clock must be the same on all."""
+    return bool(flag) if world() == 1 else all_reduce({"f": float(bool(flag))}, "max")["f"] > 0
+
+
+def all_gather(t):
+    """Every process's tensor t, concatenated along dim 0 in rank order. The sizes may differ: dim 0 freely,
+    the other dims (a padded sequence length) are zero-padded at their end to the largest. Dicts and tuples
+    of tensors: gathered entry by entry."""
+    if world() == 1:
+        return t
+    if isinstance(t, (dict, tuple)):
+        return {k: all_gather(v) for k, v in t.items()} if isinstance(t, dict) else tuple(map(all_gather, t))
+    import torch
+    import torch.distributed as dist
+    shape = torch.tensor(t.shape, device=t.device)
+    shapes = [torch.zeros_like(shape) for _ in range(world())]
+    dist.all_gather(shapes, shape)
+    n, big = [int(s[0]) for s in shapes], torch.stack(shapes).amax(0).tolist()
+    x = t.to(torch.uint8) if t.dtype == torch.bool else t   # not every backend carries bool
+    pad = [p for d in reversed(range(t.dim())) for p in (0, big[d] - t.shape[d])]
+    out = [x.new_empty(big) for _ in n]
+    dist.all_gather(out, torch.nn.functional.pad(x, pad).contiguous())
+    return torch.cat([o[:k] for o, k in zip(out, n)]).to(t.dtype)
+
+
+def all_reduce_grads(params):
+    """Sum every parameter's gradient over the processes. Each process weighted its micro-batch losses by
+    their share of the GLOBAL batch, so the sum is the gradient one process would have accumulated."""
+    if world() == 1:
+        return
+    import torch
+    import torch.distributed as dist
+    has = all_reduce(torch.tensor([float(p.grad is not None) for p in params]), "max")   # a grad anywhere
+    for p, h in zip(params, has.tolist()):
+        if h:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
 
 
 def domain_for(name):
@@ -875,8 +1030,8 @@ def load_for_run(cfg, data_dir=None, verbose=True):
     """The dataset of a run config (train.py's flags or a checkpoint's run_config.json)."""
     kw = {"num_users": cfg["synthetic_users"], "num_items": cfg["synthetic_items"]} \
         if cfg["dataset"] == "synthetic" else {}
-    return load_dataset(cfg["dataset"], data_dir=data_dir or cfg.get("data_dir"), history=cfg["history"],
-                        verbose=verbose, **kw)
+    return main_first(load_dataset, cfg["dataset"], data_dir=data_dir or cfg.get("data_dir"),
+                      history=cfg["history"], verbose=verbose and is_main(), **kw)
 
 
 def format_stats(ds):

@@ -26,6 +26,8 @@ trained R2ec model or checkpoint. It imports nothing from train.py or baselines.
     python eval.py --ckpt out/ml-100k/best [--split test|valid] [--batch-size 256]
         re-scores a checkpoint exactly as train.py did (same one-pass greedy reasoning, same saved item
         table): protocol header, metrics table, latency per user
+    torchrun --nproc_per_node 2 eval.py --ckpt out/ml-100k/best
+        the same numbers, exactly: each process decodes a share of the batches, rank 0 prints
     python eval.py --ckpt out/ml-100k/best --history "Star Wars (1977) | Fargo (1996) | Scream (1996)"
         writes the reasoning for a hand-written history (titles or item ids, oldest first) and the top-10
 """
@@ -246,8 +248,10 @@ def evaluate_model(r, dataset, split_name, cfg, idx=None, verbose=True):
     split = _split(dataset, split_name)
     idx = np.arange(len(split)) if idx is None else np.sort(np.asarray(idx, dtype=np.int64))
     prompts = r.split_prompt_ids(split, idx, cfg["prompt_history"])
+    # torchrun: each process decodes a share of the batches; every process gets the whole H, bit for bit, and
+    # ranks it (cheap next to decoding), so every process holds the exact single-process metrics
     H, tm = r.encode_users(prompts, 0 if cfg.get("no_reasoning") else cfg["max_new_tokens"],
-                           cfg["eval_batch_size"], verbose, f"eval {split_name}: reasoning")
+                           cfg["eval_batch_size"], verbose, f"eval {split_name}: reasoning", shard=True)
     t0 = time.time()
     m = evaluate(dataset, split_name, lambda j: H[torch.from_numpy(np.searchsorted(idx, j))], r.table.E,
                  batch_size=1024, tau=r.tau, verbose=False, header=False, impl=cfg.get("kernels", "auto"), idx=idx)
@@ -259,7 +263,10 @@ def evaluate_checkpoint(path, ds, split_name, device, batch_size=None, name=None
     """Load a checkpoint (no pickle) and score it on a split: prints the protocol header, the table (beside
     popularity and SASRec when baselines) and the latency. -> (metrics, timings, table rows)."""
     r, cfg = M.load_checkpoint(path, device=device, dataset=ds)
-    cfg["eval_batch_size"] = batch_size or cfg["eval_batch_size"]
+    bs = cfg["eval_batch_size"] if batch_size is None else batch_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:   # an empty batch loop would leave H unset
+        raise EvalError(f"--batch-size {bs!r}: must be an integer >= 1")
+    cfg["eval_batch_size"] = bs
     print(protocol_header(ds, split_name))
     m, tm = evaluate_model(r, ds, split_name, cfg, verbose=verbose)
     rows = {name or f"R2ec ({os.path.basename(os.path.normpath(path))})": m,
@@ -297,16 +304,16 @@ def find_items(spec, ds):
     return ids
 
 
-def parse_ratings(spec, n):
-    """'5 | 4 | ...' -> n floats in [0, 5] (EvalError otherwise)."""
+def parse_ratings(spec, n=None):
+    """'5 | 4 | ...' -> floats in [0, 5], n of them when n is given (EvalError otherwise)."""
     try:
         out = [float(x) for x in spec.split("|")]
     except ValueError:
         raise EvalError(f"--ratings {spec!r}: give numbers separated by '|', e.g. '5 | 4 | 3'") from None
-    if len(out) != n:
-        raise EvalError(f"--ratings has {len(out)} values for {n} --history items")
-    if not all(0 <= x <= 5 for x in out):
+    if not all(0 <= x <= 5 for x in out):   # NaN fails this too
         raise EvalError(f"--ratings {spec!r}: every rating must be in [0, 5]")
+    if n is not None and len(out) != n:
+        raise EvalError(f"--ratings has {len(out)} values for {n} --history items")
     return out
 
 
@@ -344,15 +351,18 @@ def main(argv=None):
                    "print the reasoning and the top-10 instead of scoring a split")
     p.add_argument("--ratings", default=None, help="ratings of --history items, '5 | 4 | ...' (default 4 each)")
     p.add_argument("--days-apart", type=data.nonneg_float, default=1.0,
-                   help="--history: days between consecutive items")
+                   help="--history: days between consecutive items (at most 36500)")
     args = p.parse_args(argv)
     data.run_cli(run, args)
 
 
 def pick_device(name):
-    """auto -> cuda if available else cpu; a CUDA device without CUDA is a user error."""
+    """auto -> cuda if available else cpu; a CUDA device without CUDA is a user error. Under torchrun a CUDA
+    device is cuda:LOCAL_RANK, one GPU per process, whatever index was asked for (or saved in a config)."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -361,21 +371,36 @@ def pick_device(name):
         raise EvalError(f"--device {name!r}: use auto, cpu or cuda[:i]")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EvalError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise EvalError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 
+def check_kernels(impl, device, flag="--kernels"):
+    """impl='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1, set before start); refused up front."""
+    from kernels import HAS_TRITON, INTERPRET
+    if impl == "triton" and not (HAS_TRITON and (device.startswith("cuda") or INTERPRET)):
+        need = "a CUDA device (or TRITON_INTERPRET=1 for the interpreter)" if HAS_TRITON else "the triton package"
+        raise EvalError(f"{flag} triton needs {need}; use {flag} auto")
+
+
 def run(args):
+    # every flag is checked before anything is loaded: the cheap checks first, the item lookups before the model
     if args.ratings and not args.history:
         raise EvalError("--ratings needs --history")
+    if args.ratings:
+        parse_ratings(args.ratings)
+    if args.days_apart > 36500:
+        raise EvalError(f"--days-apart {args.days_apart:g}: at most 36500 (100 years)")
     dev = pick_device(args.device)
-    cfg = M.read_run_config(args.ckpt)
+    cfg = M.read_run_config(args.ckpt, need=tuple(M.RUN_CONFIG_KEYS))   # every key scoring reads
     ds = data.load_for_run(cfg, args.data_dir, verbose=False)
     if not args.history:
-        evaluate_checkpoint(args.ckpt, ds, args.split, dev, args.batch_size, baselines=False)
+        evaluate_checkpoint(args.ckpt, ds, args.split, dev, args.batch_size, verbose=data.is_main(), baselines=False)
         return
-    r, cfg = M.load_checkpoint(args.ckpt, device=dev, dataset=ds)
     ids = find_items(args.history, ds)
     ratings = parse_ratings(args.ratings, len(ids)) if args.ratings else None
+    r, cfg = M.load_checkpoint(args.ckpt, device=dev, dataset=ds)
     text, top = recommend(r, ds, cfg, ids, ratings, args.days_apart)
     print("history: " + " | ".join(ds.titles[i] for i in ids))
     print(f"reasoning ({cfg['max_new_tokens']} tokens max, greedy): {text!r}")

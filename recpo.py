@@ -49,9 +49,8 @@ Departures from the paper / the authors' reference code, and why
     (the CPU demo's default: in-batch negatives are drawn by popularity, so an in-batch softmax learns
     scores with popularity divided out; uniform negatives keep it); mode="full": the whole cached item
     table (affordable with the fused catalog kernel; its rows are as stale as the last refresh).
-11. With --relabel-topk >= 2 a selected chain can have a negative advantage; its surrogate would then
-    push π(v⁺) *down*. The reference sums advantages and never does that; we clamp the selected
-    advantages at 0, so no selected chain pushes away from the true item.
+11. With --relabel-topk >= 2 a selected chain can have a negative advantage, which would push π(v⁺)
+    *down*; the reference's summed advantages never do. We clamp the selected advantages at 0.
 12. Optional entropy regulariser on the sampled reasoning tokens (off by default, as in the paper).
 """
 import torch
@@ -100,9 +99,11 @@ def compute_advantages(rewards, G, kind="gaussian", eps=1e-8):
     """Group-relative advantages. rewards [B*G], G consecutive rows per user.
 
     Returns adv [B*G] fp32 and the fraction of groups whose G rewards are all equal (those groups
-    teach nothing: every advantage is 0).
+    teach nothing: every advantage is exactly 0). G = 1 (w/o reasoning): A = 1 everywhere.
     """
     _check("kind", kind, ADVANTAGE_KINDS)
+    if G == 1:   # the w/o-reasoning ablation: nothing to compare in a group; every chain gets A = 1
+        return torch.ones_like(rewards, dtype=torch.float32), 0.0
     if G < 2 or rewards.numel() % G:
         raise ValueError(f"need G >= 2 dividing the number of rewards, got G={G} for "
                          f"{rewards.numel()} rewards")
@@ -278,3 +279,29 @@ def item_loss(h_T, item_emb, targets, adv, old_logp_item, G, topk=1, tau=0.02, e
              "item_ratio_mean": ratio.detach().mean().item(),
              "item_clip_low": clip_low, "item_clip_high": clip_high}
     return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# what RL practitioners watch, per step
+
+def step_metrics(rw, adv, frac_zero_std, rollout, stats):
+    """Rewards, zero-spread groups, advantages, losses, clips, KL, entropy, lengths: one flat dict of floats."""
+    n = rollout["sampled_mask"].sum(1).float()                       # [B*G] sampled tokens per chain
+    return {"reward": rw["reward"].mean().item(), "reward_std": rw["reward"].std().item(),
+            "r_d": rw["r_d"].mean().item(), "r_c": rw["r_c"].mean().item(),
+            "rank_median": rw["rank"].float().median().item(), "frac_reward_zero_std": frac_zero_std,
+            "adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_absmax": adv.abs().max().item(),
+            **{k: stats.get(k) for k in ("token_loss", "item_loss", "clip_low", "clip_high", "item_clip_low",
+                                         "item_clip_high", "item_logp", "grad_norm", "skipped", "kl", "entropy")},
+            "completion_len_mean": n.mean().item(), "completion_len_max": int(n.max().item()),
+            "frac_cut": rollout["cut"].float().mean().item()}
+
+
+def format_metrics(m):
+    """The one-line summary of a step_metrics record (+ step, lr, step_s, tokens_per_s)."""
+    return (f"step {m['step']} | reward {m['reward']:.4f} (R_d {m['r_d']:.4f} R_c {m['r_c']:.5f}) zero-std "
+            f"{m['frac_reward_zero_std']:.2f} | adv |max| {m['adv_absmax']:.2f} | tok_loss {m['token_loss']:.4f} "
+            f"item_loss {m['item_loss']:.4f}" + (f" kl {m['kl']:.4f}" if m["kl"] is not None else "")
+            + f" | clip {m['clip_low']:.3f}/{m['clip_high']:.3f} | ent {m['entropy'] or 0:.2f} | len "
+            f"{m['completion_len_mean']:.1f}/{m['completion_len_max']} cut {m['frac_cut']:.2f} | gnorm "
+            f"{m['grad_norm']:.3f} | lr {m['lr']:.2e} | {m['step_s']:.2f}s/step {m['tokens_per_s']:.0f} tok/s")

@@ -5,9 +5,8 @@
     python train.py --resume out/ml-100k/last          # continue exactly where a run stopped
 
 This file is the loop: config (presets, validation, resume), build, rollout() and update() of one RL step,
-evaluation, checkpoints, log, the final test table. Model operations live in model.py, the objective in recpo.py,
-the protocol in eval.py, the data in data.py. Presets: `paper` (the default on CUDA) is the paper's setting;
-`cpu` (the default otherwise) the 10-minute tiny-backbone demo, whose departures are measured in the README.
+evaluation, checkpoints, log, the test table. Model operations live in model.py, the objective in recpo.py, the
+protocol in eval.py, the data in data.py. Presets: `paper` (CUDA default), `cpu` (the 10-minute demo; README).
 """
 import argparse
 import copy
@@ -25,7 +24,6 @@ import data
 import eval as ev
 import model as M
 import recpo
-from kernels import HAS_TRITON, INTERPRET
 
 PRESETS = {
     "paper": dict(prompt_history=20, max_new_tokens=640, val_samples=0, train_recent=0, item_loss="inbatch",
@@ -39,6 +37,7 @@ FIXED_ON_RESUME = ("dataset", "history", "synthetic_users", "synthetic_items", "
                    "tiny_hidden", "tiny_heads", "lora_r", "lora_alpha", "tau", "num_generations",
                    "batch_size", "seed", "prompt_history", "max_prompt_len", "no_reasoning", "item_loss")
 MAX_BAD_STEPS = 5   # non-finite loss/grad steps in a row before the run stops
+TRAIN_SHARE = 0.6   # of --time-budget, guaranteed to training whatever the test pass is estimated to cost
 
 
 class TrainError(data.UserError):
@@ -116,7 +115,7 @@ def get_parser():
     a("--out", help="output folder (default out/<dataset-slug>): best/, last/, log.jsonl, results.json")
     a("--resume", help="checkpoint folder (e.g. out/ml-100k/last) to continue exactly; explicit flags override")
     a("--device", default="auto", help="auto (CUDA if available, else CPU) | cpu | cuda[:i]")
-    a("--kernels", default="auto", choices=("auto", "triton", "torch", "reference"), help="impl= of both kernels")
+    a("--kernels", default="auto", choices=("auto", "triton", "torch", "chunked", "reference"), help="impl= of both kernels")
     a("--seed", type=I0, default=0, help="seed of init, user sampling and rollouts")
     a("--quiet", action="store_true", help="no progress bars")
     return p
@@ -131,11 +130,12 @@ def resolve_config(argv=None):
     seen = vars(p.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in vars(args)})))
     given = {k: v for k, v in seen.items() if v is not unset}
     if args.resume:
-        saved = {**vars(args), **M.read_run_config(args.resume)}
+        saved = {**vars(args), **check_saved(p, M.read_run_config(args.resume, "--resume"), args.resume)}
         changed = [k for k in FIXED_ON_RESUME if k in given and given[k] != saved.get(k)]
         if changed:
             raise TrainError(f"--resume {args.resume}: --{changed[0].replace('_', '-')} cannot change in a resumed "
                              f"run (saved {saved.get(changed[0])!r}); start a new run instead")
+        M.load_train_state(args.resume, mmap=True)   # refused now (pickle, truncation), not after the data is built
         return validate({**saved, **given, "resume": args.resume})
     preset = args.preset or ("paper" if ev.pick_device(args.device).startswith("cuda") else "cpu")
     cfg = {**vars(args), **PRESETS[preset], **given, "preset": preset}
@@ -144,25 +144,42 @@ def resolve_config(argv=None):
     return validate(cfg)
 
 
+def check_saved(p, saved, path):
+    """A resumed run's run_config.json through the same parser as the command line (types, ranges, choices):
+    a damaged or hand-edited file is refused in one line. A flag newer than the checkpoint takes its default."""
+    f, defaults = os.path.join(path, "run_config.json"), vars(p.parse_args([]))
+    missing = [k for k in defaults if k not in saved and (k in FIXED_ON_RESUME or defaults[k] is None and k not in
+                                                          ("resume", "preset", "data_dir", "max_prompt_len"))]
+    if missing:
+        raise TrainError(f"{f}: key {missing[0]!r} is missing; resume from a checkpoint written by train.py")
+    argv = [x for k in defaults if k not in ("resume", "preset") and saved.get(k) is not None and saved[k] is not False
+            for x in [f"--{k.replace('_', '-')}"] + ([] if saved[k] is True else [str(saved[k])])]
+
+    def refuse(msg):
+        raise TrainError(f"{f}: {msg}; the file was edited or damaged")
+    p.error = refuse
+    return {**saved, **vars(p.parse_args(argv))}
+
+
 def validate(cfg):
     """Cross-flag checks (single flags are range-checked by their argparse types)."""
     cfg["device"] = ev.pick_device(cfg["device"])
-    cfg["micro_batch_size"] = min(cfg["micro_batch_size"], cfg["batch_size"])
-    checks = [(cfg["kernels"] != "triton" or HAS_TRITON and (cfg["device"].startswith("cuda") or INTERPRET),
-               "--kernels triton needs a CUDA device (or TRITON_INTERPRET=1 for the interpreter); use auto"),
-              (cfg["batch_size"] % cfg["micro_batch_size"] == 0,
-               f"--batch-size {cfg['batch_size']} must be a multiple of --micro-batch-size {cfg['micro_batch_size']}"),
+    cfg["micro_batch_size"] = min(cfg["micro_batch_size"], max(1, cfg["batch_size"] // data.world()))   # per process
+    cfg["quiet"] = cfg["quiet"] or not data.is_main()   # torchrun: rank 0 alone prints and draws progress bars
+    ev.check_kernels(cfg["kernels"], cfg["device"])
+    data.check_out_dir(cfg["out"], "--out")   # a file, or a file on the way: refused before anything is built
+    M.check_init_from(cfg["init_from"])
+    if cfg["init_from"] == "tiny":
+        M.tiny_config(cfg)   # the tiny backbone's shape, checked before anything is built
+    checks = [(cfg["batch_size"] % (data.world() * cfg["micro_batch_size"]) == 0,   # torchrun: B/N users per process
+               f"--batch-size {cfg['batch_size']} must be a multiple of --micro-batch-size {cfg['micro_batch_size']}"
+               + (f" x {data.world()} processes" if data.world() > 1 else "")),
               (not (cfg["reference_broadcast"] and cfg["item_loss"] == "sampled"),
                "--reference-broadcast reproduces the reference's in-batch/full item loss; use --item-loss inbatch"),
               (cfg["num_generations"] >= 2, "--num-generations must be >= 2: advantages are relative within a group"),
-              (cfg["tiny_hidden"] % cfg["tiny_heads"] == 0, "--tiny-hidden must be a multiple of --tiny-heads"),
-              (cfg["relabel_topk"] <= cfg["num_generations"], "--relabel-topk must be <= --num-generations"),
-              (not os.path.exists(cfg["out"]) or os.path.isdir(cfg["out"]), f"--out {cfg['out']}: is a file"),
-              (cfg["init_from"] == "tiny" or os.path.exists(os.path.expanduser(cfg["init_from"])),
-               f"--init-from {cfg['init_from']}: no such file or directory (models are never downloaded)")]
-    for ok, msg in checks:
-        if not ok:
-            raise TrainError(msg)
+              (cfg["relabel_topk"] <= cfg["num_generations"], "--relabel-topk must be <= --num-generations")]
+    if not all(ok for ok, _ in checks):
+        raise TrainError(next(msg for ok, msg in checks if not ok))
     return cfg
 
 
@@ -182,50 +199,48 @@ def rollout(r, ds, cfg, step, ref=None, ph=None):
     """Users -> G chains each with h_T (one cached pass) -> rewards over the full catalog -> advantages.
     Returns a batch dict; chunks[i] = the i-th micro-batch of rollout rows, trimmed of all-padding columns."""
     ph = ph or M.Phases()
-    tr, B = ds.train, cfg["batch_size"]
+    tr, B, mine = ds.train, cfg["batch_size"], data.rank_slice(cfg["batch_size"])   # torchrun: users [mine] of B
     G = 1 if cfg["no_reasoning"] else cfg["num_generations"]   # w/o reasoning: the G chains would be equal
     pool = np.arange(len(tr))[-cfg["train_recent"]:] if cfg["train_recent"] else np.arange(len(tr))
-    idx = pool[data.train_indices(step, B, len(pool), cfg["seed"])]                        # [B]
-    targets = torch.from_numpy(np.repeat(tr.target[idx], G)).to(r.device)             # [B*G]
-    hist = torch.from_numpy(np.repeat(tr.hist[idx], G, axis=0)).to(r.device)          # [B*G, H]
-    neg = None
-    if cfg["item_loss"] == "sampled":   # uniform negatives of the item loss (encoded with grad in update)
-        N = ds.num_items
-        neg = np.sort(np.random.default_rng([cfg["seed"], step, 1]).choice(N, min(cfg["item_negatives"], N),
-                                                                             replace=False) + 1)
+    idx = pool[data.train_indices(step, B, len(pool), cfg["seed"])][mine]          # [b]: B, or B / processes
+    targets = torch.from_numpy(np.repeat(tr.target[idx], G)).to(r.device)             # [b*G]
+    hist = torch.from_numpy(np.repeat(tr.hist[idx], G, axis=0)).to(r.device)          # [b*G, H]
+    neg = None if cfg["item_loss"] != "sampled" else np.sort(np.random.default_rng([cfg["seed"], step, 1]).choice(
+        ds.num_items, min(cfg["item_negatives"], ds.num_items), replace=False) + 1)   # uniform item-loss negatives
     r.model.eval()
     with ph("rollout"), torch.no_grad(), M.autocast(r.device):
-        # the rollout seed is a function of (seed, step): a resumed run samples the same chains
+        # a chain's noise: (seed, step, its user's position in the step); resumed and torchrun runs sample the same
         ro, h_T = r.decode(r.split_prompt_ids(tr, idx, cfg["prompt_history"]), G, greedy=False,
                            temperature=cfg["temperature"], top_k=cfg["top_k"],
                            max_new_tokens=0 if cfg["no_reasoning"] else cfg["max_new_tokens"],
-                           seed=cfg["seed"] * 1_000_003 + step)                       # h_T [B*G, d]
-        mb = cfg["micro_batch_size"] * G
-        chunks = [M.slice_rollout(ro, torch.arange(s, min(s + mb, B * G), device=r.device)) for s in range(0, B * G, mb)]
+                           seed=(cfg["seed"], step), first=mine.start)                 # h_T [b*G, d]
+        mb, n = cfg["micro_batch_size"] * G, len(idx) * G
+        chunks = [M.slice_rollout(ro, torch.arange(s, min(s + mb, n), device=r.device)) for s in range(0, n, mb)]
         for c in chunks if ref is not None else []:   # frozen initial model, for the k3 KL
             c["ref_logp"] = ref.forward_both(c, G, cfg["temperature"])[0]
     r.model.train()
     with ph("reward"):
         rw = recpo.compute_rewards(h_T, r.table.E, targets, hist, cfg["tau"], cfg["reward_k"], cfg["reward_beta"],
                                    cfg["reward"], impl=cfg["kernels"])
-        if G == 1:   # w/o reasoning: nothing to compare in a group; the item loss is plain contrastive (A = 1)
-            adv, frac0 = torch.ones_like(rw["reward"]), 0.0
-        else:
-            adv, frac0 = recpo.compute_advantages(rw["reward"], G, cfg["advantage"])   # [B*G]
+        adv, frac0 = recpo.compute_advantages(rw["reward"], G, cfg["advantage"])       # [b*G]
+    step_rows = (*data.all_gather((rw, adv)), data.all_reduce({"f": frac0})["f"] / data.world(),   # for the log: all
+                 data.all_gather({k: ro[k] for k in ("sampled_mask", "attention_mask", "cut")}))   # processes' rows
     return dict(idx=idx, ro=ro, G=G, targets=targets, hist=hist, rw=rw, adv=adv, frac0=frac0, chunks=chunks,
-                neg=None if neg is None else torch.from_numpy(neg).to(r.device))
+                neg=None if neg is None else torch.from_numpy(neg).to(r.device), step_rows=step_rows)
 
 
 def update(r, cfg, batch, opt, params, lr, ph=None):
     """--num-iterations optimizer steps over the rollout batch: per micro-batch forward_both -> token_loss +
     item_loss -> backward; then clip and AdamW. pi_old is the first pass's own log-probs (detached), so the
-    ratio is exactly 1 on the first pass. A non-finite loss or gradient skips the optimizer step."""
+    ratio is exactly 1 on the first pass. A non-finite loss or gradient skips the optimizer step. The table rows
+    re-encoded in a pass are written after it (a micro-batch's loss never depends on another's writes)."""
     ph = ph or M.Phases()
-    G, adv, n_rows = batch["G"], batch["adv"], batch["targets"].shape[0]
+    G, adv, n_rows = batch["G"], batch["adv"], batch["targets"].shape[0] * data.world()   # rows of the GLOBAL batch
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
     stats, old = {}, {}
     for it in range(cfg["num_iterations"]):
+        writes = []
         for ci, c in enumerate(batch["chunks"]):
             tgt, a, excl = batch["targets"][c["rows"]], adv[c["rows"]], batch["hist"][c["rows"]]   # [b] [b] [b,H]
             uniq, inv = torch.unique(tgt, return_inverse=True)
@@ -234,7 +249,7 @@ def update(r, cfg, batch, opt, params, lr, ph=None):
                 logp, h_T, ent = r.forward_both(c, G, cfg["temperature"], return_entropy=True)  # [b, C], [b, d]
             with ph("item encoding"), M.autocast(r.device):
                 emb = r.encode_items(ids.tolist(), grad=True, batch_size=cfg["item_batch_size"])  # [u(+S), d]
-            r.table.update(ids, emb)
+            writes.append((ids, emb.detach()))
             neg = None if batch["neg"] is None else (ids[len(uniq):], emb[len(uniq):])
             kw = dict(tau=cfg["tau"], mode=cfg["item_loss"], E=r.table.E, exclude=excl, impl=cfg["kernels"],
                       negatives=neg)
@@ -256,6 +271,10 @@ def update(r, cfg, batch, opt, params, lr, ph=None):
                 for k, v in {**ts, **is_}.items():
                     stats[k] = stats.get(k, 0.0) + v * (1 if k == "num_tokens" else w)
         with ph("optimizer"):
+            # torchrun: all processes' table writes (single-process order); grads and stats summed (global weights)
+            r.table.update(*(data.all_gather(torch.cat(x)) for x in zip(*writes)))
+            data.all_reduce_grads(params)
+            stats = data.all_reduce(stats)
             gn = float(torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"] or float("inf")))
             finite = math.isfinite(gn) and all(math.isfinite(stats.get(k, 0.0)) for k in ("token_loss", "item_loss"))
             if finite:
@@ -263,31 +282,6 @@ def update(r, cfg, batch, opt, params, lr, ph=None):
             opt.zero_grad(set_to_none=True)
     stats.update(grad_norm=gn, skipped=not finite)
     return stats
-
-
-def log_record(step, batch, stats, cfg, lr, dt, ph):
-    rw, adv, ro = batch["rw"], batch["adv"], batch["ro"]
-    n_comp = ro["sampled_mask"].sum(1).float()                                        # [B*G] sampled tokens
-    return {"step": step, "reward": rw["reward"].mean().item(), "reward_std": rw["reward"].std().item(),
-            "r_d": rw["r_d"].mean().item(), "r_c": rw["r_c"].mean().item(),
-            "rank_median": rw["rank"].float().median().item(), "frac_reward_zero_std": batch["frac0"],
-            "adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_absmax": adv.abs().max().item(),
-            **{k: stats[k] for k in ("token_loss", "item_loss", "clip_low", "clip_high", "item_clip_low",
-                                     "item_clip_high", "item_logp", "grad_norm", "skipped") if k in stats},
-            "kl": stats.get("kl"), "entropy": stats.get("entropy"),
-            "completion_len_mean": n_comp.mean().item(), "completion_len_max": int(n_comp.max().item()),
-            "frac_cut": ro["cut"].float().mean().item(), "lr": lr, "step_s": dt, "gen_s": ph.s.get("rollout", 0.0),
-            "tokens_per_s": int(ro["attention_mask"].sum()) * cfg["num_iterations"] / max(dt, 1e-9),
-            "phases_s": dict(ph.s)}
-
-
-def log_line(rec):
-    return (f"step {rec['step']} | reward {rec['reward']:.4f} (R_d {rec['r_d']:.4f} R_c {rec['r_c']:.5f}) zero-std "
-            f"{rec['frac_reward_zero_std']:.2f} | adv |max| {rec['adv_absmax']:.2f} | tok_loss {rec['token_loss']:.4f} "
-            f"item_loss {rec['item_loss']:.4f}" + (f" kl {rec['kl']:.4f}" if rec["kl"] is not None else "")
-            + f" | clip {rec['clip_low']:.3f}/{rec['clip_high']:.3f} | ent {rec['entropy'] or 0:.2f} | len "
-            f"{rec['completion_len_mean']:.1f}/{rec['completion_len_max']} cut {rec['frac_cut']:.2f} | gnorm "
-            f"{rec['grad_norm']:.3f} | lr {rec['lr']:.2e} | {rec['step_s']:.2f}s/step {rec['tokens_per_s']:.0f} tok/s")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,16 +294,18 @@ def build(cfg, ds, verbose=True):
         model, tok = M.build_backbone(res, None, device=cfg["device"], verbose=False,
                                       dtype=torch.float32 if cfg["init_from"] == "tiny" else None)
     else:
-        c = dict(layers=cfg["tiny_layers"], hidden=cfg["tiny_hidden"], heads=cfg["tiny_heads"], seed=cfg["seed"],
-                 kv_heads=max(1, cfg["tiny_heads"] // 2), intermediate=int(cfg["tiny_hidden"] * 2.75) // 8 * 8)
-        model, tok = M.build_backbone(cfg["init_from"], ds, tiny_cfg=c, device=cfg["device"], verbose=verbose)
+        model, tok = data.main_first(M.build_backbone, cfg["init_from"], ds, tiny_cfg=M.tiny_config(cfg),
+                                     device=cfg["device"], verbose=verbose)   # rank 0 first: it caches the tokenizer
     params = M.apply_lora(model, lora_r, cfg["lora_alpha"], cfg["lora_dropout"])
     if res and lora_r > 0:   # base weights from --init-from + the saved adapter
         M.load_lora_state(model, os.path.join(res, "adapter.safetensors"))
     r = M.R2ec(model, tok, ds, tau=cfg["tau"], max_prompt_len=cfg["max_prompt_len"], impl=cfg["kernels"])
+    r.split_prompt_ids(ds.train, [0], cfg["prompt_history"])   # a --max-prompt-len too small fails here, early
     if res:   # the item table as saved (the checkpoint's item map is checked against the dataset)
         M.read_item_map(res, ds)
         r.table = M.load_item_table(res, ds.num_items, r.table.E.shape[1], r.device)
+    else:
+        r.refresh_items(cfg["item_batch_size"])
     model.train()
     return r, params, M.load_train_state(res) if res else None
 
@@ -325,9 +321,7 @@ def save(name, r, cfg, opt, step, state):
 
 def train(cfg):
     t_start, budget = time.time(), cfg["time_budget"] * 60
-    torch.manual_seed(cfg["seed"])
-    np.random.seed(cfg["seed"])
-    random.seed(cfg["seed"])
+    random.seed(cfg["seed"]), np.random.seed(cfg["seed"]), torch.manual_seed(cfg["seed"])
     ds = data.load_for_run(cfg, verbose=not cfg["quiet"])
     r, params, saved = build(cfg, ds, verbose=not cfg["quiet"])
     opt = torch.optim.AdamW(M.param_groups(r, params, cfg["embed_lr_mult"]), lr=cfg["lr"], betas=(0.9, 0.99),
@@ -339,20 +333,18 @@ def train(cfg):
         opt.load_state_dict(saved["optimizer"])
         M.set_rng_state(saved["rng"])
         step, state = saved["step"], {**state, **saved["state"]}
-    os.makedirs(cfg["out"], exist_ok=True)
+    log = data.jsonl_logger(os.path.join(cfg["out"], "log.jsonl"))
     M.clean_checkpoints(cfg["out"])
-    log = logger(os.path.join(cfg["out"], "log.jsonl"))
     print(f"preset {cfg['preset']} | config:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(cfg.items())))
     val_idx = ev.valid_subset(ds, cfg["val_samples"], cfg["seed"])
     log({"config": cfg, "val_samples": len(val_idx)})
-    if not r.table.fresh:
-        r.refresh_items(cfg["item_batch_size"])
     if step == 0 and saved is None and cfg["eval_every"] > 0:
         run_eval(r, ds, cfg, val_idx, opt, step, state, log, params)   # untrained: reference point + timing
     times, stop, records, bad = [], None, [], 0
     bar = tqdm(total=None if budget else cfg["max_steps"], initial=step, desc="RecPO", disable=cfg["quiet"], unit="step")
     while step < cfg["max_steps"]:
-        if budget and time.time() - t_start + np.mean(times[-10:] or [0]) + final_cost(state, ds, cfg) > budget:
+        if budget and data.any_rank(time.time() - t_start + np.mean(times[-10:] or [0]) + final_cost(state, ds, cfg)
+                                    > budget):   # any_rank: every process stops at the same step
             stop = f"time budget ({cfg['time_budget']:g} min; final test pass reserved)"
             break
         t0, ph = time.time(), M.Phases(r.device.type == "cuda")
@@ -363,7 +355,9 @@ def train(cfg):
         stats = update(r, cfg, batch, opt, params, lr, ph)
         step += 1
         times.append(time.time() - t0)
-        rec = log_record(step, batch, stats, cfg, lr, times[-1], ph)
+        rec = {"step": step, **recpo.step_metrics(*batch["step_rows"], stats), "lr": lr, "step_s": times[-1],
+               "phases_s": dict(ph.s),
+               "tokens_per_s": int(batch["step_rows"][3]["attention_mask"].sum()) * cfg["num_iterations"] / times[-1]}
         records.append(rec)
         bar.update(1)
         bar.set_postfix(reward=f"{rec['reward']:.3f}", loss=f"{rec['token_loss'] + rec['item_loss']:.3f}")
@@ -372,7 +366,7 @@ def train(cfg):
             raise TrainError(f"{bad} steps in a row with a non-finite loss or gradient (last: step {step}); "
                              "lower --lr or --max-grad-norm, or resume from the last checkpoint")
         if stats["skipped"] or step % cfg["log_every"] == 0 or step == 1:
-            log(rec, f"step {step}: loss or gradient not finite: update skipped" if stats["skipped"] else log_line(rec))
+            log(rec, f"step {step}: loss or gradient not finite: update skipped" if stats["skipped"] else recpo.format_metrics(rec))
         if cfg["eval_every"] and step % cfg["eval_every"] == 0:
             run_eval(r, ds, cfg, val_idx, opt, step, state, log, params)
             if cfg["patience"] and state["bad_evals"] >= cfg["patience"]:
@@ -381,23 +375,27 @@ def train(cfg):
     bar.close()
     if cfg["eval_every"] and (not state["evals"] or state["evals"][-1]["step"] != step):
         last = state["evals"][-1]["eval_s"] if state["evals"] else 0
-        if not budget or time.time() - t_start + last + final_cost(state, ds, cfg) < budget:
+        if not budget or not data.any_rank(time.time() - t_start + last + final_cost(state, ds, cfg) >= budget):
             run_eval(r, ds, cfg, val_idx, opt, step, state, log, params)
     if not os.path.isdir(state.get("best_dir", "")):   # no evaluation: the last model is the best one
         r.refresh_items(cfg["item_batch_size"])
-        state["best_dir"] = os.path.abspath(os.path.join(cfg["out"], "best"))
+        state.update(best_dir=os.path.abspath(os.path.join(cfg["out"], "best")), best_step=step)
         save("best", r, cfg, opt, step, state)
     save("last", r, cfg, opt, step, state)
     print(f"stopped at step {step}: {stop or 'max steps'} | best valid NDCG@10 {state['best']:.4f} at step "
           f"{state['best_step']} | {state['skipped']} steps skipped (non-finite) | {time.time() - t_start:.0f}s so far")
     result = {"best_step": state["best_step"], "best_val_ndcg@10": state["best"], "steps": step, "evals": state["evals"]}
+    if state["best_step"] == 0 or step < 2 * cfg["warmup_steps"]:
+        print(f"warning: the best checkpoint is from step {state['best_step']} of {step}: essentially untrained; the "
+              f"numbers below are not a trained model's (a longer --time-budget or a less busy machine helps)")
     if not cfg["no_test"]:
         m, tm, rows = ev.evaluate_checkpoint(state["best_dir"], ds, "test", cfg["device"], cfg["eval_batch_size"],
                                              f"R2ec (best, step {state['best_step']})", verbose=not cfg["quiet"])
         log({"test": m, "best_step": state["best_step"], "baselines": rows})
         result.update(test=m, table=ev.format_table(rows), test_timing=tm)
     result["seconds"] = time.time() - t_start
-    data.atomic_write(os.path.join(cfg["out"], "results.json"), json.dumps(result, indent=1))
+    if data.is_main():
+        data.atomic_write(os.path.join(cfg["out"], "results.json"), json.dumps(result, indent=1))
     print(f"done in {result['seconds']:.0f}s -> {cfg['out']}")
     return {**result, "log": records}
 
@@ -418,28 +416,23 @@ def run_eval(r, ds, cfg, val_idx, opt, step, state, log, params):
     log(rec, f"eval step {step}: " + " ".join(f"val/{k} {v:.4f}" for k, v in m.items())
         + f" | {time.time() - t0:.0f}s" + (" | new best" if better else ""))
     if better:
-        state["best_dir"] = os.path.abspath(os.path.join(cfg["out"], "best"))
+        state.update(best_dir=os.path.abspath(os.path.join(cfg["out"], "best")), best_step=step)
         save("best", r, cfg, opt, step, state)
     save("last", r, cfg, opt, step, state)
 
 
 def final_cost(state, ds, cfg):
-    """Seconds the final test pass will take, from the measured valid pass (0 with --no-test)."""
+    """Seconds to reserve for the final test pass: its estimate from the measured valid pass, but never more
+    than (1 - TRAIN_SHARE) of the budget: training always gets its share, and a slow machine is reported."""
     ev_ = [e for e in state["evals"] if "eval_n" in e]
-    per_user = ev_[-1]["eval_s"] / ev_[-1]["eval_n"] if ev_ else 0.0
-    return 0 if cfg["no_test"] else 1.15 * per_user * len(ds.test) + 15
-
-
-def logger(path):
-    """log(record, line=None): append a JSON record to log.jsonl (flushed), print the line above the bar."""
-    f = open(path, "a")
-
-    def log(rec, line=None):
-        f.write(json.dumps(rec) + "\n")
-        f.flush()
-        if line:
-            tqdm.write(line)
-    return log
+    est = 0 if cfg["no_test"] or not ev_ else 1.15 * ev_[-1]["eval_s"] / ev_[-1]["eval_n"] * len(ds.test) + 15
+    cap = (1 - TRAIN_SHARE) * cfg["time_budget"] * 60
+    if est > cap and not state.get("slow_warned"):
+        state["slow_warned"] = True
+        tqdm.write(f"warning: this machine is slower than expected: the full test pass is estimated at {est:.0f}s, "
+                   f"over the {cap:.0f}s the budget leaves it; training keeps {TRAIN_SHARE:.0%} of the budget and "
+                   f"the run will end about {est - cap:.0f}s late")
+    return min(est, cap)
 
 
 def main(argv=None):

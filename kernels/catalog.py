@@ -1,4 +1,5 @@
-"""Catalog softmax for the item head: stats, rank, top-k and loss over all N items (SPEC §6).
+"""Catalog softmax for the item head (arXiv 2505.16994, §3.1 scores; §3.2 rank reward and item loss):
+stats, pessimistic rank, top-k and loss over all N items, never writing the [M, N] logits.
 
 Math. User states H [M,d], item table E [N,d] (row j = item id j; row 0 = padding), targets t [M],
 per-row excluded ids X [M,Xc] (0-padded, duplicates allowed), temperature tau:
@@ -6,41 +7,60 @@ per-row excluded ids X [M,Xc] (0-padded, duplicates allowed), temperature tau:
     A[m]     = {j : j != 0, j not in X[m]}                     (the items row m may be scored on)
     lse[m]   = log sum_{j in A[m]} exp z[m,j]                  (-inf if A[m] is empty)
     rank[m]  = #{j in A[m], j != t[m] : z[m,j] >= z[m,t[m]]}   (0-based, pessimistic: ties count
-               against the target); rank = N if t[m] is not in A[m] (never a hit, reward 0)
+               against the target); rank = N (never a hit, reward 0) if t[m] is not in A[m], or if
+               the row's target logit or lse is not finite (a NaN/inf state or item scores last)
     topk     = the k largest z[m,j] over j in A[m], with their ids
     loss[m]  = lse'[m] - z[m,t[m]],  lse' over A[m] + {t[m]}   (the positive is never masked)
 Exclusion happens before the max and the sum (masked to -inf), never by subtracting excluded mass
 afterwards, so it stays exact when excluded items hold nearly all of the probability.
-Stable online form over catalog tiles: running max mx and s = sum exp(z - mx); two partial states
-merge at mx = max(mx1, mx2): s = s1 exp(mx1 - mx) + s2 exp(mx2 - mx); lse = mx + log s.
-Backward of loss with upstream g [M]:  dz[m,j] = g[m] (softmax'[m,j] - 1[j = t[m]]) / tau on A'[m],
-0 elsewhere;  dH = dz @ E,  dE = dz^T @ H.  Tiles of z are recomputed, never stored.
+Stable online form over tiles: running max mx and s = sum exp(z - mx); two partial states merge at
+mx = max(mx1, mx2): s = s1 exp(mx1 - mx) + s2 exp(mx2 - mx). mx and ls = log s are kept apart, never
+summed into lse before use: for a peaked row (z_t = mx, s = 1 + 1e-6) lse = mx + ls rounds ls away,
+while logp_t = (z_t - mx) - ls keeps it.
+Backward of loss with upstream g [M]:  dz[m,j] = g[m] (p[m,j] - 1[j = t[m]]) / tau on A'[m], 0
+elsewhere, p = exp((z - mx) - ls), and p_t - 1 = expm1(logp_t) (no cancellation); dH = dz @ E,
+dE = dz^T @ H. Frozen table (E without grad, the LoRA case): dH = g/tau (q + expm1(logp_t) E[t]) with
+q[m] = sum_{j in A'[m], j != t} p[m,j] E[j] accumulated in the forward, so the PyTorch paths need no
+backward pass over E at all (2 GEMM-sized passes in all instead of 3).
 
-Paths (impl=):
+Paths (impl=), GEMM passes for stats / loss fwd / fwd + dH (frozen E) / fwd + dH + dE:
 - reference: materialises [M,N] (the spec).
-- torch: chunked over the catalog (CHUNK_BYTES of scratch), custom backward that recomputes chunks;
-  CPU and fallback. Its stats use fp64 GEMMs rounded to fp32 so that ties are ties.
+- torch: tiles = all M rows x catalog chunks of CHUNK_BYTES; CPU and fallback. Stats use fp64 GEMMs
+  rounded to fp32 so that ties are ties. 1 / 1 / 2 / 4 passes.
+- chunked: tiles = row blocks x the whole catalog (WORKSPACE_BYTES of logits per block, kernels/
+  __init__.py), plain matmuls in E's dtype on CUDA half inputs (cuBLAS), logits upcast to fp32 per
+  block, the target logit read from the same GEMM output (no fp64 GEMMs: a tie with an identical
+  item relies on the GEMM rounding every position alike; it did on this CPU's BLAS for 192 twins at
+  random positions, N=100,003); dE summed over row blocks by addmm_ in E's dtype.
+  Same code as torch, only the tiling and the GEMM dtype differ. 1 / 1 / 2 / 4 passes.
 - triton: grid (M-tiles, catalog splits); each program streams its slice of E through tl.dot tiles
   (bf16 in, fp32 accumulate) keeping online (max, sumexp, count) per row; a second step merges
   the [splits, M] partials (deterministic, no atomics). Exclusions are (row, id) pairs sorted by
   tile on the host, so a tile compares only the ~1 pair that falls in it. The target logit comes
   from a [BM, BM] tile of the same tl.dot steps, so an item identical to the target ties exactly.
   Top-k: a chunk kernel writes masked fp32 logits per catalog chunk, torch.topk merges them.
-  Backward: per catalog chunk, a kernel recomputes z and writes dz (E's dtype), then two cuBLAS
-  GEMMs: dH += dz @ E_c (fp32 sum over chunks), dE_c = dz^T @ H (each row of dE written once).
+  Backward: per catalog chunk, a kernel recomputes z and writes dz (E's dtype), then cuBLAS GEMMs
+  for the gradients asked for: dH += dz @ E_c (fp32 sum over chunks), dE_c = dz^T @ H (each row
+  once). 1 / 1 / 3 / 4 passes (q would need a [BM, d] accumulator per program: too big for d=2048).
+Napkin (H100, M=4,096, N=1,000,000, d=2,048, bf16): one z pass is 16.8 TFLOP = 21.5 ms at the
+measured 780 TFLOP/s; triton measured fwd 39.5 ms, fwd+dH+dE 126 ms (floor 86 ms), 4.1 GiB above the
+inputs (the dE it returns); naive fp32 logits 160 ms / 46 GiB.
 """
 from collections import namedtuple
 
 import torch
 
-from . import HAS_TRITON, INTERPRET, pick_impl
+from . import (HAS_TRITON, INTERPRET, check_float, check_ids, check_int, check_scale, grads_key,
+               pick_impl, workspace_rows)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from . import expm1 as _expm1
+
 CatalogStats = namedtuple("CatalogStats", "lse target_logit rank topk_scores topk_ids")
-CHUNK_BYTES = 64 << 20   # scratch per catalog chunk (fp32 logits + fp32 item rows); x4 on a GPU
+CHUNK_BYTES = 64 << 20   # torch path: scratch per catalog chunk (fp32 logits + item rows); x4 on a GPU
 # H100: 128x128 tiles, d streamed in 64-wide steps (bf16) through a 3-stage pipeline
 GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
 SPLIT_WAVES = 16         # stats kernel: ~16 programs per SM, so the last wave is short
@@ -62,18 +82,23 @@ def _logits_reference(H, E, tau):
     return (H.to(cdt) @ E.to(cdt).T) / tau                                     # [M, N]
 
 
+def _rank(cnt, t_excl, tz, lse, N):
+    """Pessimistic rank; N (a miss) for excluded targets and non-finite rows."""
+    miss = t_excl | ~torch.isfinite(tz) | ~torch.isfinite(lse)
+    return torch.where(miss, torch.full_like(cnt, N), cnt)
+
+
 def catalog_stats_reference(H, E, targets, exclude=None, tau=1.0, topk=0):
     M, N = H.shape[0], E.shape[0]
     logits = _logits_reference(H, E, tau)
     excl = _excluded_mask(M, N, exclude, H.device)
     t = targets.long()
     tgt = logits.gather(1, t[:, None]).squeeze(1)                             # [M]
-    t_excl = excl.gather(1, t[:, None]).squeeze(1)
     masked = logits.masked_fill(excl, float("-inf"))
     lse = torch.logsumexp(masked, dim=1)
     beats = (masked >= tgt[:, None]) & ~excl
     beats.scatter_(1, t[:, None], False)
-    rank = torch.where(t_excl, torch.full_like(t, N), beats.sum(1))
+    rank = _rank(beats.sum(1), excl.gather(1, t[:, None]).squeeze(1), tgt, lse, N)
     ts = ti = None
     if topk:
         ts, ti = masked.topk(min(topk, N), dim=1)
@@ -93,78 +118,110 @@ def _reduce(loss, reduction):
     return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
 
 
-# ----------------------------------------------------------------------------- chunked PyTorch
-def _dtypes(H, exact):
-    """(GEMM dtype, logits dtype). exact: fp64 GEMMs rounded to fp32, so that an item identical to
-    the target gets bit-identical logits (BLAS rounds differently at different positions of a
-    matrix) and the pessimistic rank counts it; used for catalog_stats."""
+# ----------------------------------------------------------------------------- torch and chunked
+def _dtypes(impl, H, E, exact):
+    """(GEMM dtype, logits dtype). torch, exact: fp64 GEMMs rounded to fp32, so that an item identical
+    to the target gets bit-identical logits (BLAS may round differently at different positions of a
+    matrix) and the pessimistic rank counts it; used for catalog_stats. chunked: plain GEMMs (in E's
+    dtype on CUDA half inputs), the target logit read from the same GEMM output."""
     cdt = torch.promote_types(H.dtype, torch.float32)
+    if impl == "chunked":
+        return (E.dtype if E.is_cuda and E.dtype in (torch.bfloat16, torch.float16) else cdt), cdt
     return (torch.float64, cdt) if exact and cdt == torch.float32 else (cdt, cdt)
 
 
-def _chunk_mask(c0, c1, M, exclude, t, loss):
-    """bool [M, c1-c0]: True where column c0+j is excluded for that row."""
-    mask = torch.zeros(M, c1 - c0, dtype=torch.bool, device=t.device)
-    if c0 == 0:
-        mask[:, 0] = True
-    if exclude is not None and exclude.numel():
-        r, x = ((exclude >= c0) & (exclude < c1)).nonzero(as_tuple=True)
-        mask[r, exclude[r, x] - c0] = True
-    if loss:                                                                   # positive stays in
-        r = ((t >= c0) & (t < c1)).nonzero(as_tuple=True)[0]
-        mask[r, t[r] - c0] = False
-    return mask
+def _tiles(impl, H, E, t, exclude, tau, loss, exact=False, tz=None):
+    """Yield (r0, r1, c0, c1, z, Ec, tr, tc): masked logits z [r1-r0, c1-c0] of one tile, its item rows
+    Ec (GEMM dtype), and the local (row, column) of the targets inside it. torch: all rows x catalog
+    chunks; chunked: row blocks x the whole catalog, writing the target logits into tz from the tile."""
+    (M, d), N = H.shape, E.shape[0]
+    gdt, cdt = _dtypes(impl, H, E, exact)
+    Eg = None
+    if impl == "chunked":   # every tile spans the whole catalog: cast the table once (fp32: a no-op)
+        rows, cols, Eg = workspace_rows(H.device, N * (gdt.itemsize + 4)), N, E.to(gdt)
+    else:
+        rows = max(1, M)
+        cols = max(1, (CHUNK_BYTES * (4 if H.is_cuda else 1)) // (gdt.itemsize * (M + d)))
+    for r0 in range(0, M, rows):
+        r1 = min(M, r0 + rows)
+        Hr, tt = H[r0:r1].to(gdt), t[r0:r1]
+        ex = None if exclude is None else exclude[r0:r1]
+        for c0 in range(0, N, cols):
+            c1 = min(N, c0 + cols)
+            Ec = E[c0:c1].to(gdt) if Eg is None else Eg                       # [c, d]
+            z = (Hr @ Ec.T).to(cdt).mul_(1.0 / tau)                            # [r, c]
+            tr = ((tt >= c0) & (tt < c1)).nonzero(as_tuple=True)[0]
+            tc = tt[tr] - c0
+            if tz is not None:
+                tz[r0:r1] = z.gather(1, tt[:, None] - c0).squeeze(1)           # whole rows here
+            keep = z[tr, tc] if loss else None
+            if c0 == 0:
+                z[:, 0] = float("-inf")                                        # padding item
+            if ex is not None:
+                r, x = ((ex >= c0) & (ex < c1)).nonzero(as_tuple=True)
+                z[r, ex[r, x] - c0] = float("-inf")
+            if loss:
+                z[tr, tc] = keep                                               # positive stays in
+            yield r0, r1, c0, c1, z, Ec, tr, tc
 
 
-def _torch_chunks(H, E, t, exclude, tau, loss, exact=False):
-    """Yield (c0, c1, z, Ec): z [M, c1-c0] masked logits; memory bounded by CHUNK_BYTES."""
-    M, d = H.shape
-    N = E.shape[0]
-    gdt, cdt = _dtypes(H, exact)
-    Hf = H.to(gdt)
-    nc = max(1, (CHUNK_BYTES * (4 if H.is_cuda else 1)) // (gdt.itemsize * (M + d)))
-    for c0 in range(0, N, nc):
-        c1 = min(N, c0 + nc)
-        Ec = E[c0:c1].to(gdt)                                                  # [nc, d]
-        z = (Hf @ Ec.T).mul_(1.0 / tau).to(cdt)                                # [M, nc]
-        yield c0, c1, z.masked_fill_(_chunk_mask(c0, c1, M, exclude, t, loss), float("-inf")), Ec
+def _merge_topk(ts, ti, r0, r1, c0, z, k):
+    """Fold the top-k of tile z (columns from c0) into ts, ti [M, k] for rows r0:r1."""
+    v, i = z.topk(min(k, z.shape[1]), dim=1)
+    v, j = torch.cat([ts[r0:r1], v], 1).topk(k, dim=1)
+    ti[r0:r1] = torch.cat([ti[r0:r1], i + c0], 1).gather(1, j)
+    ts[r0:r1] = v
 
 
-def _scan_chunks(chunks, t, tgt, M, topk, stats=True):
-    """Online lse / pessimistic count / top-k over chunks of masked logits."""
-    lse = torch.full((M,), float("-inf"), dtype=tgt.dtype, device=t.device)
-    cnt = torch.zeros(M, dtype=torch.long, device=t.device)
-    ts = ti = None
-    for c0, c1, z, *_ in chunks:
-        if stats:
-            lse = torch.logaddexp(lse, torch.logsumexp(z, 1))
-            cnt += (z >= tgt[:, None]).sum(1)
-            r = ((t >= c0) & (t < c1)).nonzero(as_tuple=True)[0]               # the target itself
-            cnt[r] -= (z[r, t[r] - c0] >= tgt[r]).long()                       # does not count
-        if topk:
-            v, i = z.topk(min(topk, c1 - c0), dim=1)
-            if ts is not None:
-                v, j = torch.cat([ts, v], 1).topk(min(topk, v.shape[1] + ts.shape[1]), dim=1)
-                i = torch.cat([ti, i + c0], 1).gather(1, j)
-            else:
-                i = i + c0
-            ts, ti = v, i
-    return lse, cnt, ts, ti
+def _scan(impl, H, E, t, exclude, tau, loss, topk=0, want_q=False):
+    """One pass over the tiles -> mx, ls, target logit, count, topk scores/ids, q (see the math)."""
+    (M, d), N = H.shape, E.shape[0]
+    gdt, cdt = _dtypes(impl, H, E, not loss)
+    dev, k = H.device, min(topk, N)
+    if impl == "chunked":
+        tz = torch.empty(M, dtype=cdt, device=dev)                             # filled by _tiles
+    else:
+        tz = ((H.to(gdt) * E[t].to(gdt)).sum(1) * (1.0 / tau)).to(cdt)         # [M]
+    mx = torch.full((M,), -1e30, dtype=cdt, device=dev)    # finite floor: no -inf - -inf = nan
+    s, cnt = torch.zeros(M, dtype=cdt, device=dev), torch.zeros(M, dtype=torch.long, device=dev)
+    ts = torch.full((M, k), float("-inf"), dtype=cdt, device=dev) if k else None
+    ti = torch.zeros(M, k, dtype=torch.long, device=dev) if k else None
+    q = torch.zeros(M, d, dtype=cdt, device=dev) if want_q else None
+    for r0, r1, c0, c1, z, Ec, tr, tc in _tiles(impl, H, E, t, exclude, tau, loss, not loss,
+                                                tz if impl == "chunked" else None):
+        zt = tz[r0:r1]
+        cnt[r0:r1] += (z >= zt[:, None]).sum(1)
+        cnt[r0 + tr] -= (z[tr, tc] >= zt[tr]).long()                           # not the target itself
+        if k:
+            _merge_topk(ts, ti, r0, r1, c0, z, k)
+        m_new = torch.maximum(mx[r0:r1], z.max(1).values)
+        a = torch.exp(mx[r0:r1] - m_new)
+        e = z.sub_(m_new[:, None]).exp_()                                      # [r, c], 0 if masked
+        s[r0:r1] = s[r0:r1] * a + e.sum(1)
+        mx[r0:r1] = m_new
+        if want_q:
+            e[tr, tc] = 0.0                                                    # q leaves the target out
+            q[r0:r1] = q[r0:r1] * a[:, None] + (e.to(gdt) @ Ec).to(cdt)
+    ls = torch.log(s)
+    return mx, ls, tz, cnt, ts, ti, (q / s[:, None] if want_q else None)
 
 
-def _torch_grads(H, E, t, exclude, tau, lse, scale, need_dE):
-    """dH [M,d] fp32 and dE (E's dtype, or None), chunk by chunk over the catalog."""
-    dH = torch.zeros(H.shape, dtype=lse.dtype, device=H.device)
-    dE = torch.empty_like(E) if need_dE else None
-    Hf = H.to(lse.dtype)
-    for c0, c1, z, Ec in _torch_chunks(H, E, t, exclude, tau, loss=True):
-        p = z.sub_(lse[:, None]).exp_()                                        # 0 where excluded
-        r = ((t >= c0) & (t < c1)).nonzero(as_tuple=True)[0]
-        p[r, t[r] - c0] -= 1.0
-        p.mul_(scale[:, None])                                                 # dz [M, nc]
-        dH.addmm_(p, Ec)
+def _torch_grads(impl, H, E, t, exclude, tau, mx, ls, scale, need_dH, need_dE):
+    """dH [M,d] (fp32) and dE [N,d] (GEMM dtype, summed over row blocks by addmm_), None when not
+    asked for; tile by tile."""
+    gdt, cdt = _dtypes(impl, H, E, False)
+    dH = torch.zeros(H.shape, dtype=cdt, device=H.device) if need_dH else None
+    dE = torch.zeros(E.shape, dtype=gdt, device=H.device) if need_dE else None
+    for r0, r1, c0, c1, z, Ec, tr, tc in _tiles(impl, H, E, t, exclude, tau, loss=True):
+        lp = z.sub_(mx[r0:r1, None]).sub_(ls[r0:r1, None])                     # log p [r, c]
+        lpt = lp[tr, tc]
+        p = lp.exp_()                                                          # 0 where excluded
+        p[tr, tc] = torch.expm1(lpt)                                           # p_t - 1, exactly
+        dz = p.mul_(scale[r0:r1, None]).to(gdt)                                # [r, c]
+        if need_dH:
+            dH[r0:r1] += (dz @ Ec).to(cdt)
         if need_dE:
-            dE[c0:c1] = (p.T @ Hf).to(E.dtype)
+            dE[c0:c1].addmm_(dz.T, H[r0:r1].to(gdt))
     return dH, dE
 
 
@@ -261,7 +318,7 @@ if HAS_TRITON:
         tl.store(PC + out, cnt, mask=rmask)
 
     @triton.jit
-    def _chunk_kernel(H, E, TGT, XR, XC, XP, LSE, SCALE, OUT, M, N, D, n_tiles, c0, c1, tile0,
+    def _chunk_kernel(H, E, TGT, XR, XC, XP, MX, LS, SCALE, OUT, M, N, D, n_tiles, c0, c1, tile0,
                       stride_h, stride_e, stride_o, inv_tau, GRAD: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
@@ -281,10 +338,13 @@ if HAS_TRITON:
         excl = _tile_excluded(XR, XC, rows, cols, cmask, tgt, x0, x1, GRAD)
         z = tl.where(excl, float("-inf"), z)
         if GRAD:
-            lse = tl.load(LSE + rows, mask=rmask, other=float("inf"))           # dead rows: p = 0
+            mx = tl.load(MX + rows, mask=rmask, other=0.0)
+            ls = tl.load(LS + rows, mask=rmask, other=float("inf"))             # dead rows: p = 0
             sc = tl.load(SCALE + rows, mask=rmask, other=0.0)
-            p = tl.exp2((z - lse[:, None]) * 1.4426950408889634)                # 0 where excluded
-            out = tl.where(cols[None, :] == tgt[:, None], p - 1.0, p) * sc[:, None]
+            lp = (z - mx[:, None]) - ls[:, None]                                # log p, 0 if excluded
+            # p - 1 at the target as expm1(log p): no cancellation when p_t is close to 1
+            is_t = cols[None, :] == tgt[:, None]
+            out = tl.where(is_t, _expm1(lp), tl.exp2(lp * 1.4426950408889634)) * sc[:, None]
         else:
             out = z
         optr = OUT + rows.to(tl.int64)[:, None] * stride_o + (cols - c0)[None, :]
@@ -326,7 +386,7 @@ def _prep(H, E, targets, exclude, cfg):
 
 
 def _triton_stats(H, E, targets, exclude, tau, loss):
-    """-> lse [M], target logit [M], pessimistic count [M] (int64), via the fused kernel."""
+    """-> mx, ls = log sumexp(z - mx), target logit [M], pessimistic count [M] (int64)."""
     cfg = _config(H, E)
     H, E, tgt, X, nt = _prep(H, E, targets, exclude, cfg)
     M, D = H.shape
@@ -346,11 +406,11 @@ def _triton_stats(H, E, targets, exclude, tau, loss):
     _stats_kernel[(mt, splits)](H, E, tgt, tz, *X, pm, ps, pc, M, N, D, nt, tps,
                                 H.stride(0), E.stride(0), inv_tau, LOSS=loss, **cfg)
     mx = pm.max(0).values                                                      # merge, step 2
-    lse = mx + torch.log((ps * torch.exp(pm - mx)).sum(0))                     # log 0 = -inf: empty
-    return lse, tz, pc.sum(0, dtype=torch.long)
+    ls = torch.log((ps * torch.exp(pm - mx)).sum(0))                           # log 0 = -inf: empty
+    return mx, ls, tz, pc.sum(0, dtype=torch.long)
 
 
-def _triton_chunks(H, E, targets, exclude, tau, grad=False, lse=None, scale=None):
+def _triton_chunks(H, E, targets, exclude, tau, grad=False, mx=None, ls=None, scale=None):
     """Yield (c0, c1, out) with out [M, c1-c0] from _chunk_kernel (logits, or dz when grad)."""
     cfg = _config(H, E)
     if "num_warps" in cfg:
@@ -360,21 +420,23 @@ def _triton_chunks(H, E, targets, exclude, tau, grad=False, lse=None, scale=None
     N, BM, BN = E.shape[0], cfg["BLOCK_M"], cfg["BLOCK_N"]
     dt = E.dtype if (grad and H.is_cuda) else torch.float32                    # dz feeds cuBLAS
     nc = max(BN, (CHUNK_BYTES * (4 if H.is_cuda else 1)) // (M * dt.itemsize) // BN * BN)
-    buf = torch.empty(M, min(nc, N), dtype=dt, device=H.device)
+    buf = torch.empty(M * min(nc, N), dtype=dt, device=H.device)
     for c0 in range(0, N, nc):
         c1 = min(N, c0 + nc)
+        out = buf[:M * (c1 - c0)].view(M, c1 - c0)        # contiguous: no padding for a GEMM to read
         grid = (triton.cdiv(M, BM), triton.cdiv(c1 - c0, BN))
-        _chunk_kernel[grid](H, E, tgt, *X, lse if grad else buf, scale if grad else buf, buf,
+        _chunk_kernel[grid](H, E, tgt, *X, *((mx, ls, scale) if grad else (out, out, out)), out,
                             M, N, D, nt, c0, c1, c0 // BN, H.stride(0), E.stride(0),
-                            buf.stride(0), 1.0 / tau, GRAD=grad, **cfg)
-        yield c0, c1, buf[:, :c1 - c0]
+                            out.stride(0), 1.0 / tau, GRAD=grad, **cfg)
+        yield c0, c1, out
 
 
-def _triton_grads(H, E, targets, exclude, tau, lse, scale, need_dE):
-    dH = torch.zeros(H.shape, dtype=torch.float32, device=H.device)
+def _triton_grads(H, E, targets, exclude, tau, mx, ls, scale, need_dH, need_dE):
+    dH = torch.zeros(H.shape, dtype=torch.float32, device=H.device) if need_dH else None
     dE = torch.empty_like(E) if need_dE else None
-    for c0, c1, dz in _triton_chunks(H, E, targets, exclude, tau, True, lse, scale):
-        dH += (dz @ E[c0:c1].to(dz.dtype)).float()                             # fp32 across chunks
+    for c0, c1, dz in _triton_chunks(H, E, targets, exclude, tau, True, mx, ls, scale):
+        if need_dH:
+            dH += (dz @ E[c0:c1].to(dz.dtype)).float()                         # fp32 across chunks
         if need_dE and dz.dtype == E.dtype:
             torch.mm(dz.T, H.to(dz.dtype), out=dE[c0:c1])                      # each row once
         elif need_dE:
@@ -383,62 +445,94 @@ def _triton_grads(H, E, targets, exclude, tau, lse, scale, need_dE):
 
 
 # ----------------------------------------------------------------------------- autograd + public
-def _stats(impl, H, E, t, exclude, tau, loss, topk=0):
-    """-> lse, target logit, count, topk scores, topk ids (torch or triton path)."""
-    if impl == "triton":
-        lse, tz, cnt = _triton_stats(H, E, t, exclude, tau, loss)
-        ts = ti = None
-        if topk:
-            _, _, ts, ti = _scan_chunks(_triton_chunks(H, E, t, exclude, tau), t, tz, H.shape[0],
-                                        topk, stats=False)
-        return lse, tz, cnt, ts, ti
-    exact = not loss
-    gdt, cdt = _dtypes(H, exact)
-    tz = ((H.to(gdt) * E[t].to(gdt)).sum(1) * (1.0 / tau)).to(cdt)             # [M]
-    lse, cnt, ts, ti = _scan_chunks(_torch_chunks(H, E, t, exclude, tau, loss, exact), t, tz,
-                                    H.shape[0], topk)
-    return lse, tz, cnt, ts, ti
+def _stats(impl, H, E, t, exclude, tau, loss, topk=0, want_q=False):
+    """-> mx, ls, target logit, count, topk scores, topk ids, q (any non-reference path)."""
+    if impl != "triton":
+        return _scan(impl, H, E, t, exclude, tau, loss, topk, want_q)
+    mx, ls, tz, cnt = _triton_stats(H, E, t, exclude, tau, loss)
+    ts = ti = None
+    if topk:
+        k = min(topk, E.shape[0])
+        ts = torch.full((H.shape[0], k), float("-inf"), device=H.device)
+        ti = torch.zeros(H.shape[0], k, dtype=torch.long, device=H.device)
+        for c0, c1, z in _triton_chunks(H, E, t, exclude, tau):
+            _merge_topk(ts, ti, 0, H.shape[0], c0, z, k)
+    return mx, ls, tz, cnt, ts, ti, None
 
 
 class _CatalogLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, H, E, targets, exclude, tau, impl):
-        lse, tz, *_ = _stats(impl, H, E, targets, exclude, tau, loss=True)
-        ctx.save_for_backward(H, E, targets, exclude, lse)
+    def forward(ctx, H, E, targets, exclude, tau, impl, frozen):
+        # frozen: only dH will be asked for; the PyTorch paths then accumulate q in this pass
+        want_q = frozen and impl != "triton"
+        mx, ls, tz, *_, q = _stats(impl, H, E, targets, exclude, tau, True, want_q=want_q)
+        ctx.save_for_backward(H, E, targets, exclude, mx, ls, tz, q)
         ctx.tau, ctx.impl = tau, impl
-        return lse - tz                                                        # [M] fp32
+        return (mx - tz) + ls                                                  # [M] fp32
 
     @staticmethod
     def backward(ctx, g):
-        H, E, targets, exclude, lse = ctx.saved_tensors
-        scale = g.to(lse.dtype) / ctx.tau                                      # [M]
-        grads = _triton_grads if ctx.impl == "triton" else _torch_grads
-        dH, dE = grads(H, E, targets, exclude, ctx.tau, lse, scale, ctx.needs_input_grad[1])
-        return dH.to(H.dtype), dE, None, None, None, None
+        H, E, t, exclude, mx, ls, tz, q = ctx.saved_tensors
+        need_dH, need_dE = ctx.needs_input_grad[:2]
+        scale = g.to(mx.dtype) / ctx.tau                                       # [M]
+        if q is not None and not need_dE:   # dH = g/tau (q + (p_t - 1) E_t): no pass over E
+            dH, dE = scale[:, None] * (q + torch.expm1((tz - mx) - ls)[:, None] * E[t].to(q.dtype)), None
+        elif ctx.impl == "triton":
+            dH, dE = _triton_grads(H, E, t, exclude, ctx.tau, mx, ls, scale, need_dH, need_dE)
+        else:
+            dH, dE = _torch_grads(ctx.impl, H, E, t, exclude, ctx.tau, mx, ls, scale, need_dH, need_dE)
+        return (None if dH is None else dH.to(H.dtype), None if dE is None else dE.to(E.dtype),
+                None, None, None, None, None)
+
+
+def _check(fn, H, E, targets, exclude, tau):
+    """Validate the arguments (one-line ValueErrors); -> tau as a float, exclude as int64 or None."""
+    check_float(fn, "H", H, 2)
+    check_float(fn, "E", E, 2)
+    if H.shape[1] != E.shape[1]:
+        raise ValueError(f"{fn}: H [M,d] and E [N,d] must share d, got {list(H.shape)} and {list(E.shape)}")
+    check_int(fn, "targets", targets, H.shape[:1])
+    if exclude is not None:
+        if exclude.dim() != 2 or exclude.shape[0] != H.shape[0]:
+            raise ValueError(f"{fn}: exclude must have shape [M={H.shape[0]}, X], got {list(exclude.shape)}")
+        check_int(fn, "exclude", exclude, exclude.shape)
+    tau = check_scale(fn, "tau", tau)
+    check_ids(fn, ("targets", targets, E.shape[0]), ("exclude", exclude, E.shape[0]))
+    return tau, None if exclude is None or not exclude.numel() else exclude.long()
+
+
+def _resolve(impl, H, E, grads):
+    impl = pick_impl(impl, H, E, op="catalog", grads=grads)
+    fp64 = H.dtype == torch.float64 or E.dtype == torch.float64
+    return "torch" if impl == "triton" and fp64 else impl                 # no fp64 tensor-core path
 
 
 def catalog_stats(H, E, targets, exclude=None, tau=1.0, topk=0, impl="auto"):
     """CatalogStats(lse [M], target_logit [M], rank [M] int64, topk_scores/ids [M,k] or None)."""
-    impl = pick_impl(impl, H, E)
+    tau, ex = _check("catalog_stats", H, E, targets, exclude, tau)
+    # ranks must not depend on the batch: auto never picks the chunked path, whose plain fp32 GEMMs make
+    # exact ties depend on the BLAS blocking of the rows (the torch path rounds fp64 sums to fp32)
+    impl = "torch" if impl == "auto" and _resolve(impl, H, E, "stats") == "chunked" else _resolve(impl, H, E, "stats")
     with torch.no_grad():
         if impl == "reference":
             return catalog_stats_reference(H, E, targets, exclude, tau, topk)
         t = targets.long()
-        ex = None if exclude is None or not exclude.numel() else exclude.long()
-        lse, tz, cnt, ts, ti = _stats(impl, H.detach(), E.detach(), t, ex, tau, False, topk)
+        mx, ls, tz, cnt, ts, ti, _ = _stats(impl, H.detach(), E.detach(), t, ex, tau, False, topk)
+        lse = mx + ls
         t_excl = t == 0
         if ex is not None:
             t_excl |= (ex == t[:, None]).any(1)
-        rank = torch.where(t_excl, torch.full_like(cnt, E.shape[0]), cnt)
-        return CatalogStats(lse, tz, rank, ts, ti)
+        return CatalogStats(lse, tz, _rank(cnt, t_excl, tz, lse, E.shape[0]), ts, ti)
 
 
 def catalog_loss(H, E, targets, exclude=None, tau=1.0, reduction="mean", impl="auto"):
-    """-log softmax(target) over non-excluded items (+ the target); differentiable in H and E."""
+    """-log softmax(target) over non-excluded items (+ the target); differentiable in H and E. Only the
+    gradients asked for are computed (E without grad: no dE work, and a cheaper dH)."""
     if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be mean|sum|none, got {reduction!r}")
-    impl = pick_impl(impl, H, E)
+        raise ValueError(f"catalog_loss: reduction must be mean|sum|none, got {reduction!r}")
+    tau, ex = _check("catalog_loss", H, E, targets, exclude, tau)
+    grads = grads_key(H, E)
+    impl = _resolve(impl, H, E, grads)
     if impl == "reference":
         return catalog_loss_reference(H, E, targets, exclude, tau, reduction)
-    ex = None if exclude is None or not exclude.numel() else exclude.long()
-    return _reduce(_CatalogLoss.apply(H, E, targets.long(), ex, float(tau), impl), reduction)
+    return _reduce(_CatalogLoss.apply(H, E, targets.long(), ex, tau, impl, grads == "dX"), reduction)

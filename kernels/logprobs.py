@@ -1,35 +1,53 @@
-"""Token log-probs (and entropy) through the LM head, without materialising [T, V] logits (SPEC §6).
+"""Token log-probs (and entropy) through the LM head for RecPO's token loss (arXiv 2505.16994, §3.2),
+without materialising the [T, V] logits.
 
 Math. hidden h [T,d], LM head W [V,d], tokens y [T], temperature t:
     z[i,j]  = h_i . W_j / t                       (fp32 accumulation)
     lse[i]  = log sum_j exp z[i,j]
-    logp[i] = z[i,y_i] - lse[i]                   (<= 0; clamped so rounding never makes it positive)
+    logp[i] = z[i,y_i] - lse[i]                   (<= 0)
     H[i]    = lse[i] - sum_j p[i,j] z[i,j]        (entropy, p = softmax(z[i]))
 Stable online form over vocabulary tiles, relative to the running max m (never z itself, so logits of
-1e4 lose nothing):  s = sum exp(z-m),  sz = sum exp(z-m) (z-m),  lse = m + log s,  H = log s - sz/s.
+1e4 lose nothing):  s = sum exp(z-m),  sz = sum exp(z-m) (z-m),  ls = log s,  H = ls - sz/s.
 Two partial states (m1,s1,sz1), (m2,s2,sz2) merge at m = max(m1,m2), a_k = exp(m_k - m):
     s = a1 s1 + a2 s2,   sz = a1 (sz1 + (m1-m) s1) + a2 (sz2 + (m2-m) s2).
-Backward, upstream g = dL/dlogp, e = dL/dH, with logp_j = z_j - lse:
+m and ls are kept apart, never summed into lse: logp = (z - m) - ls. For a peaked row (logits 30 and
+16: s = 1 + 8e-7) fp32 lse = m + ls rounds ls away, which flipped the sign of d logp/dh and put the
+entropy gradient 15% off; (z - m) - ls keeps it (and logp <= 0, H >= 0 by construction).
+Backward, upstream g = dL/dlogp, e = dL/dH:
     dL/dz_j = g (1[j=y] - p_j)  -  e p_j (logp_j + H)        [dH/dz_j = -p_j (z_j - sum_k p_k z_k)]
+    with 1 - p_y = -expm1(logp_y) at the target (no cancellation when p_y is close to 1);
     dh = (dL/dz / t) @ W,   dW = (dL/dz / t)^T @ h
 The backward recomputes z tile by tile from h and W (4 GEMM-sized passes in all: z, z again, dh, dW);
-nothing [T,V]-sized is ever stored. Masked tokens (prompt, padding) are dropped before any work.
+nothing [T,V]-sized is ever stored. Masked tokens (prompt, padding) are dropped before any work. Only
+the gradients asked for are computed. Frozen head (W without grad, the LoRA case) and no entropy
+output, so only g can come back: dh = -g/t (expm1(logp_y) W_y + q) with q_i = sum_{j != y} p_ij W_j,
+which the PyTorch paths accumulate in the forward pass (one extra GEMM there, no backward pass over W:
+2 GEMM-sized passes in all instead of 3).
 
-Paths: reference (materialised, the spec), torch (chunked over T, bounded memory; CPU and fallback),
-triton (fused GEMM + online logsumexp forward; backward = fused recompute-to-dlogits kernel per
-vocabulary chunk, then two cuBLAS GEMMs, so each row of dW is written exactly once).
+Paths (impl=):
+- reference: materialised (the spec).
+- torch: row blocks of TORCH_CHUNK logits x the whole vocabulary, fp32 GEMMs; CPU and fallback.
+- chunked: the same code with blocks of WORKSPACE_BYTES (kernels/__init__.py) and, on CUDA half inputs,
+  cuBLAS GEMMs in W's dtype (logits upcast to fp32 per block; dW summed over blocks by addmm_ in W's
+  dtype): the plain "big matmul per row block" baseline, usually the fastest once a block is large.
+- triton: fused GEMM + online logsumexp forward; backward = fused recompute-to-dlogits kernel per
+  vocabulary chunk, then cuBLAS GEMMs for the gradients asked for (each row of dW written once).
+  No q (it would need a [BT, d] accumulator per program): frozen head = 3 passes.
 
 Napkin (H100, T=16,384, d=2,048, V=151,936, bf16): one z GEMM is 10.2 TFLOP, so fwd+bwd (4 GEMMs) has a
-floor near 51 ms at ~800 TFLOP/s. Measured: forward 22 ms (470 TFLOP/s), fwd+bwd 74 ms, 1.1 GiB above
-the inputs; naive fp32 logits + log_softmax 82 ms / 37 GiB; Liger fused linear CE (mean) 80 ms.
+floor near 51 ms at ~800 TFLOP/s. Measured (triton): forward 22 ms (470 TFLOP/s), fwd+bwd 74 ms, 1.1 GiB
+above the inputs; naive fp32 logits + log_softmax 82 ms / 37 GiB; Liger fused linear CE (mean) 80 ms.
 """
 import torch
 
-from . import HAS_TRITON, INTERPRET, pick_impl
+from . import (HAS_TRITON, INTERPRET, check_float, check_ids, check_int, check_scale, grads_key,
+               pick_impl, workspace_rows)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from . import expm1 as _expm1
 
 
 # ----------------------------------------------------------------------------- reference (the spec)
@@ -45,52 +63,73 @@ def token_logprobs_reference(hidden, weight, tokens, temperature=1.0, mask=None,
     return (logp, ent) if return_entropy else logp
 
 
-# ----------------------------------------------------------------------------- chunked PyTorch
-TORCH_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}   # logits elements per row chunk (4 MB / 256 MB fp32)
+# ----------------------------------------------------------------------------- torch and chunked
+TORCH_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}   # torch: logits elements per row block (4 MB / 256 MB fp32)
 
 
-def _rows(h, V):
-    return max(1, TORCH_CHUNK.get(h.device.type, 1 << 22) // max(V, 1))
-
-
-def _torch_forward(h, W, y, t):
-    """h [T,d], W [V,d], y [T] -> lse, logp, ent [T] (fp32, fp64 for fp64 inputs)."""
+def _plan(impl, h, W):
+    """(GEMM dtype, logits dtype, rows per block) of the row-blocked PyTorch paths. torch: fp32 GEMMs
+    (fp64 for fp64 inputs), TORCH_CHUNK logits per block. chunked: GEMMs in W's dtype on CUDA half
+    inputs (cuBLAS, logits upcast to fp32), WORKSPACE_BYTES of logits per block."""
     cdt = torch.promote_types(h.dtype, torch.float32)
-    Wc, (T, V) = W.to(cdt), (h.shape[0], W.shape[0])
-    lse, logp, ent = (torch.empty(T, dtype=cdt, device=h.device) for _ in range(3))
-    rows = _rows(h, V)
+    V = max(W.shape[0], 1)
+    if impl == "chunked":
+        gdt = W.dtype if W.is_cuda and W.dtype in (torch.bfloat16, torch.float16) else cdt
+        return gdt, cdt, workspace_rows(h.device, V * (gdt.itemsize + 2 * cdt.itemsize))
+    return cdt, cdt, max(1, TORCH_CHUNK.get(h.device.type, 1 << 22) // V)
+
+
+def _torch_forward(impl, h, W, y, t, want_q):
+    """h [T,d], W [V,d], y [T] -> m, ls, logp, ent [T] and, when want_q, q [T,d] = sum_{j != y} p_j W_j
+    (the frozen-head backward needs nothing else)."""
+    gdt, cdt, rows = _plan(impl, h, W)
+    Wg, T = W.to(gdt), h.shape[0]
+    m, ls, logp, ent = (torch.empty(T, dtype=cdt, device=h.device) for _ in range(4))
+    q = torch.empty(h.shape, dtype=cdt, device=h.device) if want_q else None
     for a in range(0, T, rows):
         b = min(T, a + rows)
-        z = torch.mm(h[a:b].to(cdt), Wc.T).mul_(1.0 / t)                       # [r, V]
-        lse[a:b] = torch.logsumexp(z, 1)
-        logp[a:b] = z.gather(1, y[a:b, None]).squeeze(1) - lse[a:b]
-        z.sub_(lse[a:b, None])                                                 # log p, in place
-        ent[a:b] = -z.exp().mul_(z).sum(1)                                     # one more [r,V] buffer
-    return lse, logp, ent
+        z = torch.mm(h[a:b].to(gdt), Wg.T).to(cdt).mul_(1.0 / t)               # [r, V]
+        m[a:b] = z.max(1).values
+        z.sub_(m[a:b, None])                                                   # z - m  (<= 0)
+        e = z.exp()                                                            # [r, V]
+        s = e.sum(1)
+        ls[a:b] = s.log()
+        logp[a:b] = z.gather(1, y[a:b, None]).squeeze(1) - ls[a:b]
+        ent[a:b] = ls[a:b] - (e[:, None, :] @ z[:, :, None]).view(-1) / s      # no 3rd [r,V] buffer
+        if want_q:
+            q[a:b] = (e.scatter_(1, y[a:b, None], 0.0).to(gdt) @ Wg).to(cdt) / s[:, None]
+    return m, ls, logp, ent, q
 
 
-def _torch_backward(h, W, y, t, lse, ent, g, e):
-    """Recompute z per row chunk; dW accumulated in place (addmm_) so no [V,d] temporaries."""
-    cdt = torch.promote_types(h.dtype, torch.float32)
-    Wc, (T, V) = W.to(cdt), (h.shape[0], W.shape[0])
-    dh = torch.empty(h.shape, dtype=cdt, device=h.device)
-    dW = torch.zeros(W.shape, dtype=cdt, device=h.device)
-    rows = _rows(h, V)
+def _torch_backward(impl, h, W, y, t, m, ls, ent, g, e, need_dh, need_dW):
+    """Recompute z per row block; dW accumulated in place (addmm_, in the GEMM dtype) so no [V,d]
+    temporaries."""
+    gdt, cdt, rows = _plan(impl, h, W)
+    Wg, T = W.to(gdt), h.shape[0]
+    dh = torch.empty(h.shape, dtype=cdt, device=h.device) if need_dh else None
+    dW = torch.zeros(W.shape, dtype=gdt, device=h.device) if need_dW else None
     for a in range(0, T, rows):
         b = min(T, a + rows)
-        hc = h[a:b].to(cdt)
-        z = torch.mm(hc, Wc.T).mul_(1.0 / t).sub_(lse[a:b, None])              # log p  [r, V]
-        p = z.exp()
+        hc, yc = h[a:b].to(gdt), y[a:b, None]
+        lp = torch.mm(hc, Wg.T).to(cdt).mul_(1.0 / t).sub_(m[a:b, None]).sub_(ls[a:b, None])  # log p
+        lpy = lp.gather(1, yc)                                                 # [r, 1]
+        p = lp.exp()
+        fix = torch.zeros_like(lpy)                # dL/dz at y, recomputed without cancellation
         if e is not None:   # -e p (logp + H)
-            z.add_(ent[a:b, None]).mul_(p).mul_(-e[a:b, None])
+            ec, ent_c = e[a:b, None], ent[a:b, None]
+            lp.add_(ent_c).mul_(p).mul_(-ec)
+            fix -= ec * lpy.exp() * (lpy + ent_c)
         else:
-            z.zero_()
-        if g is not None:   # + g (onehot - p)
-            z.sub_(p.mul_(g[a:b, None])).scatter_add_(1, y[a:b, None], g[a:b, None].to(cdt))
+            lp.zero_()
+        if g is not None:   # + g (onehot - p);  g (1 - p_y) = -g expm1(logp_y)
+            lp.sub_(p.mul_(g[a:b, None]))
+            fix -= g[a:b, None] * torch.expm1(lpy)
         del p
-        z.mul_(1.0 / t)                                                        # dL/d(h.W) [r, V]
-        torch.mm(z, Wc, out=dh[a:b])
-        dW.addmm_(z.T, hc)
+        dz = lp.scatter_(1, yc, fix).mul_(1.0 / t).to(gdt)                     # dL/d(h.W) [r, V]
+        if need_dh:
+            dh[a:b] = (dz @ Wg).to(cdt)
+        if need_dW:
+            dW.addmm_(dz.T, hc)
     return dh, dW
 
 
@@ -156,7 +195,7 @@ if HAS_TRITON:
         tl.store(PZY + out, zy, mask=rmask)
 
     @triton.jit
-    def _dlogits_kernel(H, W, Y, LSE, ENT, G, GE, DZ, T, V, D, v0, Vc, inv_t,
+    def _dlogits_kernel(H, W, Y, MX, LS, ENT, G, GE, DZ, T, V, D, v0, Vc, inv_t,
                         stride_h, stride_w, stride_dz,
                         BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, HAS_G: tl.constexpr,
                         HAS_E: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
@@ -169,14 +208,15 @@ if HAS_TRITON:
         rmask, cmask = rows < T, (lc < Vc) & (cols < V)
         acc = _tile_logits(H, W, rows, cols, rmask, cmask, D, stride_h, stride_w,
                            BT, BV, BK, EVEN_K, UPCAST, PREC)
-        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-        logp = acc * inv_t - lse[:, None]                                      # [BT, BV]
+        m = tl.load(MX + rows, mask=rmask, other=0.0)
+        ls = tl.load(LS + rows, mask=rmask, other=0.0)
+        logp = (acc * inv_t - m[:, None]) - ls[:, None]                        # [BT, BV]
         p = tl.exp(logp)
         dz = tl.zeros([BT, BV], dtype=tl.float32)
-        if HAS_G:
+        if HAS_G:   # g (onehot - p); at the target g (1 - p) = -g expm1(logp): no cancellation
             g = tl.load(G + rows, mask=rmask, other=0.0)
             y = tl.load(Y + rows, mask=rmask, other=-1)
-            dz += g[:, None] * (tl.where(cols[None, :] == y[:, None], 1.0, 0.0) - p)
+            dz -= g[:, None] * tl.where(cols[None, :] == y[:, None], _expm1(logp), p)
         if HAS_E:
             ge = tl.load(GE + rows, mask=rmask, other=0.0)
             ent = tl.load(ENT + rows, mask=rmask, other=0.0)
@@ -220,73 +260,106 @@ def _triton_forward(h, W, y, t):
     a = torch.exp(pm - m)
     s = (a * ps).sum(0)
     sz = (a * (psz + (pm - m) * ps)).sum(0)
-    lse = m + torch.log(s)
-    return lse, pzy.sum(0) - lse, torch.log(s) - sz / s
+    ls = torch.log(s)
+    return m, ls, (pzy.sum(0) - m) - ls, ls - sz / s, None
 
 
-def _triton_backward(h, W, y, t, lse, ent, g, e):
+def _triton_backward(h, W, y, t, m, ls, ent, g, e, need_dh, need_dW):
     (T, D), V = h.shape, W.shape[0]
     cfg, flags = _kernel_args(h)
     c = cfg["bwd"]
     Vc = min(triton.cdiv(V, c["BV"]) * c["BV"], max(c["BV"], DZ_CHUNK // max(T, 1) // c["BV"] * c["BV"]))
-    dz = torch.empty(T, Vc, dtype=h.dtype, device=h.device)
-    dh = torch.zeros(T, D, dtype=torch.float32, device=h.device)
-    dW = torch.empty_like(W)
+    buf = torch.empty(T * Vc, dtype=h.dtype, device=h.device)
+    dh = torch.zeros(T, D, dtype=torch.float32, device=h.device) if need_dh else None
+    dW = torch.empty_like(W) if need_dW else None
     for v0 in range(0, V, Vc):
         vc = min(Vc, V - v0)
+        dz = buf[:T * vc].view(T, vc)                      # contiguous: no padding for a GEMM to read
         grid = (triton.cdiv(T, c["BT"]), triton.cdiv(vc, c["BV"]))
-        _dlogits_kernel[grid](h, W, y, lse, ent, g if g is not None else lse, e if e is not None else lse,
+        _dlogits_kernel[grid](h, W, y, m, ls, ent, g if g is not None else m, e if e is not None else m,
                               dz, T, V, D, v0, vc, 1.0 / t, h.stride(0), W.stride(0), dz.stride(0),
                               HAS_G=g is not None, HAS_E=e is not None, EVEN_K=D % c["BK"] == 0,
                               **flags, **c)
-        dzc = dz[:, :vc]                                   # [T, vc]
-        torch.mm(dzc.T, h, out=dW[v0:v0 + vc])             # each dW row written once (fp32 inside cuBLAS)
-        part = dzc @ W[v0:v0 + vc]                         # [T, D]
-        dh += part                                         # fp32 accumulation across chunks
+        if need_dW:
+            torch.mm(dz.T, h, out=dW[v0:v0 + vc])         # each dW row written once (fp32 inside cuBLAS)
+        if need_dh:
+            dh += dz @ W[v0:v0 + vc]                       # [T, D], fp32 accumulation across chunks
     return dh, dW
 
 
 # ----------------------------------------------------------------------------- autograd
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, W, y, t, impl):
+    def forward(ctx, h, W, y, t, impl, want_q):
+        # want_q: frozen head and no entropy output, so only g reaches the backward: the PyTorch paths
+        # then accumulate q here and the backward makes no pass over W
+        want_q = want_q and impl != "triton"
         if h.shape[0] == 0:
-            lse = logp = ent = h.new_zeros(0, dtype=torch.promote_types(h.dtype, torch.float32))
+            m = ls = logp = ent = h.new_zeros(0, dtype=torch.promote_types(h.dtype, torch.float32))
+            q = h.new_zeros(h.shape, dtype=m.dtype) if want_q else None
         else:   # autocast off inside: the chunked matmuls must stay in the dtype chosen below
             with torch.autocast(h.device.type, enabled=False):
-                lse, logp, ent = (_triton_forward if impl == "triton" else _torch_forward)(h, W, y, t)
-        ctx.save_for_backward(h, W, y, lse, ent)
+                if impl == "triton":
+                    m, ls, logp, ent, q = _triton_forward(h, W, y, t)
+                else:
+                    m, ls, logp, ent, q = _torch_forward(impl, h, W, y, t, want_q)
+        logp, ent = logp.clamp_(max=0.0), ent.clamp_(min=0.0)   # rounding could nudge logp > 0 / H < 0
+        ctx.save_for_backward(h, W, y, m, ls, ent, logp, q)
         ctx.t, ctx.impl = t, impl
         ctx.set_materialize_grads(False)
-        return logp.clamp_(max=0.0), ent.clamp_(min=0.0)   # rounding can nudge logp above 0 / H below
+        return logp, ent
 
     @staticmethod
     def backward(ctx, g, e):
-        h, W, y, lse, ent = ctx.saved_tensors
+        h, W, y, m, ls, ent, logp, q = ctx.saved_tensors
+        need_dh, need_dW = ctx.needs_input_grad[:2]
         if (g is None and e is None) or h.shape[0] == 0:
-            return torch.zeros_like(h), torch.zeros_like(W), None, None, None
-        g = g.to(lse.dtype).contiguous() if g is not None else None
-        e = e.to(lse.dtype).contiguous() if e is not None else None
-        fn = _triton_backward if ctx.impl == "triton" else _torch_backward
+            return (torch.zeros_like(h) if need_dh else None, torch.zeros_like(W) if need_dW else None,
+                    None, None, None, None)
+        g = g.to(m.dtype).contiguous() if g is not None else None
+        e = e.to(m.dtype).contiguous() if e is not None else None
+        if q is not None and e is None and not need_dW:   # dh = -g/t (expm1(logp_y) W_y + q)
+            dh = (g / -ctx.t)[:, None] * (torch.expm1(logp)[:, None] * W[y].to(q.dtype) + q)
+            return dh.to(h.dtype), None, None, None, None, None
         with torch.autocast(h.device.type, enabled=False):
-            dh, dW = fn(h, W, y, ctx.t, lse, ent, g, e)
-        return dh.to(h.dtype), dW.to(W.dtype), None, None, None
+            if ctx.impl == "triton":
+                dh, dW = _triton_backward(h, W, y, ctx.t, m, ls, ent, g, e, need_dh, need_dW)
+            else:
+                dh, dW = _torch_backward(ctx.impl, h, W, y, ctx.t, m, ls, ent, g, e, need_dh, need_dW)
+        return (None if dh is None else dh.to(h.dtype), None if dW is None else dW.to(W.dtype),
+                None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- public function
+def _check(hidden, weight, tokens, temperature, mask):
+    fn = "token_logprobs"
+    check_float(fn, "hidden", hidden)
+    check_float(fn, "weight", weight, 2)
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{fn}: hidden [..., d] and weight [V, d] must share d, got {list(hidden.shape)} "
+                         f"and {list(weight.shape)}")
+    check_int(fn, "tokens", tokens, hidden.shape[:-1])
+    if mask is not None and tuple(mask.shape) != tuple(tokens.shape):
+        raise ValueError(f"{fn}: mask must have the shape of tokens {list(tokens.shape)}, got {list(mask.shape)}")
+    return check_scale(fn, "temperature", temperature)
+
+
 def token_logprobs(hidden, weight, tokens, temperature=1.0, mask=None, return_entropy=False, impl="auto"):
     """log p(tokens) [...] fp32 (and entropy [...] when return_entropy) for hidden [..., d], weight
     [V, d], tokens [...] int64, mask bool [...] (False -> 0 and zero gradient, no compute).
-    Differentiable w.r.t. hidden and weight; tied embeddings just work (autograd sums the grads)."""
-    impl = pick_impl(impl, hidden, weight)
-    t = float(temperature)
+    Differentiable w.r.t. hidden and weight; tied embeddings just work (autograd sums the grads);
+    only the gradients asked for are computed (weight without grad: no dW work)."""
+    t = _check(hidden, weight, tokens, temperature, mask)
+    grads = grads_key(hidden, weight)
+    impl = pick_impl(impl, hidden, weight, op="logprob", grads=grads)
     if impl == "reference":
+        check_ids("token_logprobs", ("tokens", tokens if mask is None else tokens[mask.bool()], weight.shape[0]))
         return token_logprobs_reference(hidden, weight, tokens, t, mask, return_entropy)
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):                      # like nn.Linear under autocast: the head
         dt = torch.get_autocast_dtype(dev)                  # GEMMs run in bf16/fp16, grads flow back
         hidden, weight = hidden.to(dt), weight.to(dt)       # to the fp32 master weights via .to()
-    if hidden.dtype == torch.float64 or weight.dtype == torch.float64:
+    if impl == "triton" and (hidden.dtype == torch.float64 or weight.dtype == torch.float64):
         impl = "torch"                                      # no fp64 tensor-core path
     shape, d = tokens.shape, hidden.shape[-1]
     h, y = hidden.reshape(-1, d), tokens.reshape(-1).long()
@@ -298,7 +371,8 @@ def token_logprobs(hidden, weight, tokens, temperature=1.0, mask=None, return_en
     if mask is not None:                                    # compact active rows: masked ones cost 0
         idx = mask.reshape(-1).nonzero().squeeze(1)
         h, y = h.index_select(0, idx), y.index_select(0, idx)
-    logp, ent = _TokenLogprobs.apply(h, W, y.contiguous(), t, impl)
+    check_ids("token_logprobs", ("tokens", y, W.shape[0]))
+    logp, ent = _TokenLogprobs.apply(h, W, y.contiguous(), t, impl, grads == "dX" and not return_entropy)
     if idx is not None:
         n = shape.numel()
         logp = logp.new_zeros(n).index_copy(0, idx, logp)

@@ -24,11 +24,11 @@ def generate(r, prompt_ids, G=1, temperature=1.0, top_k=0, greedy=False, max_new
     h = r.hidden(ids, mask, pos, cache)[:, -1]
     next_pos = pos[:, -1:] + 1
     tail = len(M.ANCHOR) + 2
-    gen = torch.Generator(device=r.device).manual_seed(seed)
+    u = torch.rand(N, max_new_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     comps, lps = [[] for _ in range(N)], [[] for _ in range(N)]
     done, hit = [False] * N, [False] * N
-    for _ in range(max_new_tokens):
-        tok, lp = M.sample_next(r.logits(h), temperature, greedy, top_k, gen)
+    for s in range(max_new_tokens):
+        tok, lp = M.sample_next(r.logits(h), temperature, greedy, top_k, u[:, s].to(r.device))
         for i, (t, l) in enumerate(zip(tok.tolist(), lp.tolist())):
             if done[i]:
                 continue

@@ -16,21 +16,40 @@ TINY = {"catalog": dict(M=7, N=1001, d=24, X=5), "logprob": dict(M=13, N=517, d=
 FIELDS = {"op", "impl", "mode", "ms", "gflops", "in_bytes", "needed_bytes", "peak_bytes", "fingerprint"}
 
 
-@pytest.mark.parametrize("op", ["catalog", "logprob"])
-@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("op,mode", [("catalog", "fwd"), ("catalog", "lossfwd"), ("catalog", "frozen"),
+                                     ("catalog", "fwdbwd"), ("logprob", "fwd"), ("logprob", "frozen"),
+                                     ("logprob", "fwdbwd")])
 def test_cpu_case_fields_and_agreement(op, mode):
     ref = bench.cpu_case(op, "reference", mode, TINY[op], repeats=1)
-    got = bench.cpu_case(op, "torch", mode, TINY[op], repeats=1)
-    assert FIELDS <= set(got) and got["ms"] > 0 and len(got["times_ms"]) == 1
     M, N, d = TINY[op]["M"], TINY[op]["N"], TINY[op]["d"]
-    assert got["in_bytes"] >= 4 * (M + N) * d                       # fp32 H/E (or hidden/W) at least
-    if mode == "fwdbwd":                                            # grads are as big as the inputs
-        assert got["needed_bytes"] >= got["in_bytes"] + 4 * (M + N) * d
-    # the fingerprints (sums / norms of every output) must match the reference path
-    assert len(got["fingerprint"]) == len(ref["fingerprint"]) == (3 if mode == "fwdbwd" or op == "catalog" else 1)
-    for a, b in zip(got["fingerprint"], ref["fingerprint"]):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
-    assert any(abs(x) > 1e-3 for x in got["fingerprint"])          # not all zeros
+    n_out = {"fwd": 3 if op == "catalog" else 1, "lossfwd": 1, "frozen": 2, "fwdbwd": 3}[mode]
+    for impl in ("torch", "chunked"):
+        got = bench.cpu_case(op, impl, mode, TINY[op], repeats=1)
+        assert FIELDS <= set(got) and got["ms"] > 0 and len(got["times_ms"]) == 1
+        assert got["in_bytes"] >= 4 * (M + N) * d                   # fp32 H/E (or hidden/W) at least
+        if mode == "fwdbwd":                                        # grads are as big as the inputs
+            assert got["needed_bytes"] >= got["in_bytes"] + 4 * (M + N) * d
+        # the fingerprints (sums / norms of every output) must match the reference path
+        assert len(got["fingerprint"]) == len(ref["fingerprint"]) == n_out
+        for a, b in zip(got["fingerprint"], ref["fingerprint"]):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
+        assert any(abs(x) > 1e-3 for x in got["fingerprint"])      # not all zeros
+
+
+def test_cpu_cases_and_dispatch_entries(tmp_path):
+    cases = bench.cpu_cases()
+    assert ("catalog", "frozen", "chunked") in cases and ("logprob", "fwdbwd", "reference") in cases
+    assert not any(m == "lossfwd" for op, m, _ in cases if op == "logprob")
+    path = str(tmp_path / "dispatch.json")
+    bench.write_dispatch(path, {"a": dict(key="a", impl="torch"), "b": dict(key="b", impl="chunked")})
+    bench.write_dispatch(path, {"a": dict(key="a", impl="chunked")})      # measured again: replaced, b kept
+    assert {e["key"]: e["impl"] for e in json.load(open(path))["entries"]} == {"a": "chunked", "b": "chunked"}
+    rows = [dict(op="logprob", label="s", dims=dict(M=4, N=50, d=8), impl=i, fwd_ms=f, fb_ms=b, frozen_ms="OOM")
+            for i, f, b in (("naive", 1.0, 1.0), ("ours (chunked)", 2.0, 3.0), ("ours (triton)", 3.0, 2.0))]
+    got = {k.split("|")[3]: e["impl"] for k, e in bench.gpu_dispatch(rows, "cuda:X", torch.bfloat16).items()}
+    assert got == {"fwd": "chunked", "dX+dW": "triton"}                   # OOM / naive never chosen
+    assert bench.fastest({"torch": 100.0, "chunked": 97.0}, "torch") == "torch"   # a noise-level win
+    assert bench.fastest({"torch": 100.0, "chunked": 90.0}, "torch") == "chunked"
 
 
 def test_case_subprocess_json():
@@ -55,7 +74,7 @@ def test_bench_row_reports_oom_and_errors():
 
     def broken(H, E, r):
         raise ValueError("bad shape")
-    args = type("A", (), dict(warmup=0, reps=1))()
+    args = type("A", (), dict(warmup=0, reps=1, row_budget_s=60))()
     r = bench.bench_row("x", oom, A, B, None, None, torch.device("cpu"), args)
     assert r["fwd_ms"] == "OOM" and r["fb_ms"] == "OOM"
     r = bench.bench_row("y", broken, A, B, None, None, torch.device("cpu"), args)
@@ -68,11 +87,13 @@ def test_gpu_dry_orchestration(tmp_path):
     assert not res.exists()                                         # --dry never writes bench/results
     md = next(out.glob("dry-cpu-*.md")).read_text()
     assert "| catalog | large | ours (torch) |" in md and "Checks at the large sizes" in md
+    assert "| logprob | small | ours (chunked) | fwd + dX (table frozen) |" in md
     data = json.loads((out / "bench-gpu.json").read_text())
-    ours = [r for r in data["rows"] if r["impl"] == "ours (torch)"]
-    assert len(ours) == 4
-    for r in ours + [r for r in data["rows"] if r["impl"] == "naive"]:
-        assert isinstance(r["fb_ms"], float) and r["err_fwd"] < 1e-5 and r["err_grad"] < 1e-5, r
+    for name in ("ours (torch)", "ours (chunked)"):
+        assert len([r for r in data["rows"] if r["impl"] == name]) == 4
+    for r in [r for r in data["rows"] if r["impl"].startswith("ours") or r["impl"] == "naive"]:
+        assert all(isinstance(r[f"{m}_ms"], float) for m in ("fwd", "frozen", "fb")), r
+        assert r["err_fwd"] < 1e-5 and r["err_frozen"] < 1e-5 and r["err_fb"] < 1e-5, r
     assert (out / "bench-log.txt").stat().st_size > 0
 
 

@@ -1,4 +1,4 @@
-"""kernels/catalog.py: the torch and Triton paths against the materialised float64 reference.
+"""kernels/catalog.py: the torch, chunked and Triton paths against the materialised float64 reference.
 
 Runs the Triton path under the interpreter on CPU (small shapes: seconds each), on CUDA with
 R2EC_TEST_DEVICE=cuda. Rank ties are compared exactly where the reference has no near-tie.
@@ -6,10 +6,11 @@ R2EC_TEST_DEVICE=cuda. Rank ties are compared exactly where the reference has no
 import pytest
 import torch
 
+import kernels
 from kernels import catalog
 from kernels.catalog import catalog_loss, catalog_stats, catalog_stats_reference
 
-IMPLS = ["triton", "torch"]
+IMPLS = ["triton", "torch", "chunked"]
 TOL = {torch.float32: dict(rtol=1e-5, atol=2e-4), torch.bfloat16: dict(rtol=1e-5, atol=2e-4)}
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}      # relative to the largest |grad|
 
@@ -69,6 +70,7 @@ def test_stats_match_reference(impl, dtype, M, N, d, device):
 @pytest.mark.parametrize("dtype,reduction", [(torch.float32, "mean"), (torch.bfloat16, "none")])
 def test_loss_and_grads(impl, dtype, reduction, device, monkeypatch):
     monkeypatch.setattr(catalog, "CHUNK_BYTES", 16 << 10)        # force several catalog chunks
+    monkeypatch.setattr(kernels, "WORKSPACE_BYTES", {"cpu": 8 << 10, "cuda": 8 << 10})  # row blocks
     M, N, d = 19, 1001, 48                                        # 2 row tiles, 16 column tiles
     H, E, t, ex = _inputs(M, N, d, dtype, device, seed=1)
     w = torch.rand(M, dtype=torch.float64, device=device) + 0.5  # non-uniform upstream grad

@@ -163,3 +163,30 @@ def test_embedding_lr_group():
     emb = [g for g in groups if any(p is r.lm_weight for p in g["params"])]
     assert len(emb) == 1 and len(emb[0]["params"]) == 1 and emb[0]["lr_mult"] == 0.25
     assert sum(len(g["params"]) for g in groups) == len(params)
+
+
+def test_nan_weights_are_never_best(tmp_path, monkeypatch):
+    """Weights forced to NaN after step 3: the following updates are skipped (non-finite gradient), their
+    evaluations score 0 (a NaN user state ranks last), best/ stays the finite step-2 model, and after
+    MAX_BAD_STEPS skipped steps in a row the run stops with a one-line error."""
+    orig, calls = T.update, [0]
+
+    def poisoned(r, cfg, batch, opt, params, lr, ph=None):
+        calls[0] += 1
+        if calls[0] == 4:
+            with torch.no_grad():
+                for p in params:
+                    p.fill_(float("nan"))
+        return orig(r, cfg, batch, opt, params, lr, ph)
+    monkeypatch.setattr(T, "update", poisoned)
+    with pytest.raises(T.TrainError, match="non-finite"):
+        run(tmp_path, "--max-steps", "30", "--eval-every", "2", "--patience", "0", "--kernels", "torch", "--no-test")
+    recs = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]
+    evals = [x for x in recs if "val/ndcg@10" in x]
+    assert evals[0]["step"] == 0 and max(e["step"] for e in evals) >= 6
+    assert all(e["val/ndcg@10"] == 0 and e["val/hr@20"] == 0 for e in evals if e["step"] >= 4), evals
+    ds = data.load_dataset("synthetic", history=8, num_users=150, num_items=80, verbose=False)
+    rb, _ = M.load_checkpoint(str(tmp_path / "run" / "best"), "cpu", dataset=ds)
+    assert all(torch.isfinite(p).all() for p in rb.model.parameters()) and torch.isfinite(rb.table.E).all()
+    state = M.load_train_state(str(tmp_path / "run" / "best"))
+    assert state["state"]["best_step"] <= 2
