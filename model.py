@@ -76,7 +76,7 @@ _warned = set()
 
 
 def warn_once(key, msg):
-    if key not in _warned:
+    if key not in _warned and is_main():   # torchrun: rank 0 alone prints
         _warned.add(key)
         print(f"warning: {msg}", file=sys.stderr)
 
