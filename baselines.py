@@ -118,7 +118,7 @@ def sasrec_scorer(model, split, device):
 def evaluate_sasrec(model, dataset, split_name, device, batch_size=512, verbose=True, header=None,
                     impl="auto"):
     model.eval()
-    split = ev._split(dataset, split_name)
+    split = ev.get_split(dataset, split_name)
     return ev.evaluate(dataset, split_name, sasrec_scorer(model, split, device), model.item_emb.weight,
                        batch_size=batch_size, desc=f"SASRec {split_name}", verbose=verbose, header=header,
                        impl=impl)

@@ -57,7 +57,7 @@ class EvalError(data.UserError):
 # protocol: header, metrics, table
 
 
-def _split(dataset, split_name):
+def get_split(dataset, split_name):
     if split_name not in ("train", "valid", "test"):
         raise EvalError(f"eval.py: unknown split {split_name!r}; use train, valid or test")
     return dataset.split(split_name) if hasattr(dataset, "split") else getattr(dataset, split_name)
@@ -65,7 +65,7 @@ def _split(dataset, split_name):
 
 def protocol_header(dataset, split_name, ks=KS, subset=None) -> str:
     """Two lines that say exactly what the numbers below them mean. subset=(n, seed): a fixed subset."""
-    split = _split(dataset, split_name)
+    split = get_split(dataset, split_name)
     n = dataset.num_items
     k = ", ".join(str(x) for x in ks)
     which = f"{len(split):,} samples, all of them, no user cap" if subset is None else \
@@ -125,7 +125,7 @@ def evaluate(dataset, split_name, user_fn, item_table, batch_size=256, tau=1.0, 
     header: print protocol_header first (default: when verbose).
     Returns the metrics dict (and the int64 ranks [S] when return_ranks).
     """
-    split = _split(dataset, split_name)
+    split = get_split(dataset, split_name)
     E = item_table.detach()
     if E.dim() != 2 or E.shape[0] != dataset.num_items + 1:
         raise EvalError(f"eval.py: item_table must be [N+1, d] = [{dataset.num_items + 1}, d] "
@@ -154,7 +154,7 @@ def evaluate_scores(dataset, split_name, score_fn, batch_size=256, item_chunk=40
     """Same protocol for an arbitrary scorer: score_fn(idx [B], lo, hi) -> scores [B, hi-lo] for
     item ids lo..hi-1. Two passes over the catalog per batch (target scores, then counts), one
     [B, item_chunk] block at a time. NaN target scores count as misses."""
-    split = _split(dataset, split_name)
+    split = get_split(dataset, split_name)
     N1 = dataset.num_items + 1                      # rows 0..N, as in the item table
     if item_chunk < 1:
         raise EvalError(f"eval.py: item_chunk must be >= 1, got {item_chunk}")
@@ -245,7 +245,7 @@ def baseline_rows(dataset, split_name="test"):
 def evaluate_model(r, dataset, split_name, cfg, idx=None, verbose=True):
     """Metrics of samples idx (sorted; default all) of a split, and timings. cfg: the run's config
     (prompt_history, max_new_tokens, no_reasoning, eval_batch_size, kernels)."""
-    split = _split(dataset, split_name)
+    split = get_split(dataset, split_name)
     idx = np.arange(len(split)) if idx is None else np.sort(np.asarray(idx, dtype=np.int64))
     prompts = r.split_prompt_ids(split, idx, cfg["prompt_history"])
     # torchrun: each process decodes a share of the batches; every process gets the whole H, bit for bit, and

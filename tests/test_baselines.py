@@ -1,4 +1,4 @@
-"""baselines.py: popularity against an independent implementation of SPEC §1/§5 written here with
+"""baselines.py: popularity against an independent implementation of the data protocol and the evaluation protocol (eval.py) written here with
 plain loops; SASRec trained briefly on `synthetic` beats popularity; the CLI prints the protocol
 and the table, writes the json, and refuses bad input with exit code 2."""
 import contextlib
@@ -29,7 +29,7 @@ class ToySplit:
 
 
 def independent_popularity(ds, split_name):
-    """SPEC §5 from scratch: counts of train targets; for each sample, the number of unmasked items
+    """The evaluation protocol from scratch: counts of train targets; for each sample, the number of unmasked items
     (not padding, not in the history, not the target) whose count is >= the target's."""
     N = ds.num_items
     counts = [0] * (N + 1)
