@@ -170,17 +170,45 @@ def atomic_write(path, content):
     fsync_dir(d)
 
 
-def jsonl_logger(path):
+REPORTERS = ("none", "tensorboard", "wandb")   # train.py --report-to, as in HF Trainer and TRL
+
+
+def reporter(kind, logdir=None):
+    """None, or f(record) sending a record's numbers (keyed by its "step") to TensorBoard or wandb. Both are
+    optional packages, imported only when asked; wandb runs offline unless WANDB_MODE says otherwise. With
+    logdir=None only checks that the package is there (UserError otherwise)."""
+    if kind == "none":
+        return None
+    try:
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+        else:
+            import wandb
+    except ImportError:
+        raise UserError(f"--report-to {kind}: pip install {kind} (an optional package)") from None
+    if logdir is None:
+        return None
+    if kind == "tensorboard":
+        w = SummaryWriter(os.path.join(logdir, "tensorboard"))
+        return lambda rec: [w.add_scalar(k, v, rec["step"]) for k, v in rec.items() if isinstance(v, (int, float))
+                            and not isinstance(v, bool)] and w.flush()
+    run = wandb.init(project="r2ec", dir=logdir, mode=os.environ.get("WANDB_MODE", "offline"))
+    return lambda rec: run.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
+
+
+def jsonl_logger(path, report_to="none"):
     """log(record, line=None): append a JSON record to path (flushed), print the line above any progress
-    bar. Under torchrun only the main process logs; on the others log() does nothing."""
+    bar, and send step records to --report-to. Under torchrun only the main process logs."""
     if not is_main():
         return lambda rec, line=None: None
     from tqdm import tqdm
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    f = open(path, "a")
+    f, send = open(path, "a"), reporter(report_to, os.path.dirname(path) or ".")
 
     def log(rec, line=None):
         print(json.dumps(rec), file=f, flush=True)
+        if send and "step" in rec:
+            send(rec)
         if line:
             tqdm.write(line)
     return log

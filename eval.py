@@ -341,7 +341,9 @@ def recommend(r, ds, cfg, ids, ratings=None, days_apart=1.0, k=10):
 def main(argv=None):
     p = data.CLIParser(description="Score a trained R2ec checkpoint under the protocol, or recommend for a "
                        "hand-written history.")
-    p.add_argument("--ckpt", required=True, help="checkpoint folder written by train.py (e.g. out/ml-100k/best)")
+    p.add_argument("--ckpt", help="checkpoint folder written by train.py (e.g. out/ml-100k/best)")
+    p.add_argument("--plot", metavar="RUN", help="instead: draw a run's curves (out/ml-100k) from its log.jsonl "
+                   "to RUN/curves.png (needs the optional package matplotlib)")
     p.add_argument("--split", default="test", choices=("test", "valid"), help="split to score (all of it)")
     p.add_argument("--batch-size", type=data.pos_int, default=None, help="users per greedy-reasoning batch "
                    "(default: the training run's --eval-batch-size; results do not depend on it)")
@@ -353,7 +355,43 @@ def main(argv=None):
     p.add_argument("--days-apart", type=data.nonneg_float, default=1.0,
                    help="--history: days between consecutive items (at most 36500)")
     args = p.parse_args(argv)
-    data.run_cli(run, args)
+    if not (args.ckpt or args.plot) or (args.ckpt and args.plot):
+        p.error("give exactly one of --ckpt CKPT or --plot RUN")
+    data.run_cli(plot_run if args.plot else run, args.plot or args)
+
+
+CURVES = [("reward", "reward (mean of the G chains)"), ("token_loss", "token loss"), ("item_loss", "item loss"),
+          ("entropy", "sampled-token entropy (nats)"), ("completions/mean_length", "reasoning tokens"),
+          ("val/ndcg@10", "valid NDCG@10 (greedy)")]
+
+
+def plot_run(run_dir):
+    """Curves of a run's log.jsonl over steps -> run_dir/curves.png (matplotlib, optional)."""
+    path = os.path.join(run_dir, "log.jsonl")
+    try:
+        recs = [json.loads(x) for x in open(path) if x.strip()]
+    except OSError:
+        raise EvalError(f"--plot {run_dir}: no readable log.jsonl there (train.py writes it into --out)") from None
+    except ValueError as e:
+        raise EvalError(f"{path}: not JSON lines ({e})") from None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EvalError("--plot needs the optional package matplotlib (pip install matplotlib)") from None
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float)) and "step" in r]
+        ax.plot(*zip(*pts), marker="o" if key.startswith("val/") else None, ms=3) if pts else None
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    fig.suptitle(f"{os.path.normpath(run_dir)}: {sum('reward' in r for r in recs)} logged steps")
+    fig.tight_layout()
+    out = os.path.join(run_dir, "curves.png")
+    fig.savefig(out + ".tmp.png", dpi=90)
+    os.replace(out + ".tmp.png", out)
+    print(f"wrote {out}")
 
 
 def pick_device(name):

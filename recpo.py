@@ -43,7 +43,7 @@ Departures from the paper / the authors' reference code, and why
     rows weigh 0), as in the reference, so the token/item balance matches the authors' runs.
  8. Token aggregation: "token-mean" (default; the reference's sum / #tokens), "sequence-mean" (the
     GRPO paper) or "dr-grpo" (sum / (B · max_len), a constant: Liu et al. 2025, "Dr. GRPO").
- 9. Optional KL to a frozen reference with the k3 estimator (off by default, as in the paper).
+ 9. Optional KL to a frozen reference (k3 estimator) and entropy bonus, both off by default as in the paper.
 10. Beyond the paper, two more candidate sets for the item softmax (see item_logprobs):
     mode="sampled": the batch's targets + S uniformly drawn items, all re-encoded this step with grad
     (the CPU demo's default: in-batch negatives are drawn by popularity, so an in-batch softmax learns
@@ -51,7 +51,6 @@ Departures from the paper / the authors' reference code, and why
     table (affordable with the fused catalog kernel; its rows are as stale as the last refresh).
 11. With --relabel-topk >= 2 a selected chain can have a negative advantage, which would push π(v⁺)
     *down*; the reference's summed advantages never do. We clamp the selected advantages at 0.
-12. Optional entropy regulariser on the sampled reasoning tokens (off by default, as in the paper).
 """
 import torch
 import torch.nn.functional as F
@@ -291,17 +290,19 @@ def step_metrics(rw, adv, frac_zero_std, rollout, stats):
             "r_d": rw["r_d"].mean().item(), "r_c": rw["r_c"].mean().item(),
             "rank_median": rw["rank"].float().median().item(), "frac_reward_zero_std": frac_zero_std,
             "adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_absmax": adv.abs().max().item(),
-            **{k: stats.get(k) for k in ("token_loss", "item_loss", "clip_low", "clip_high", "item_clip_low",
-                                         "item_clip_high", "item_logp", "grad_norm", "skipped", "kl", "entropy")},
-            "completion_len_mean": n.mean().item(), "completion_len_max": int(n.max().item()),
-            "frac_cut": rollout["cut"].float().mean().item()}
+            **{k: stats.get(k) for k in ("token_loss", "item_loss", "item_clip_low", "item_clip_high", "item_logp",
+                                         "grad_norm", "skipped", "kl", "entropy")},   # TRL's names where it has one:
+            "clip_ratio/low_mean": stats.get("clip_low"), "clip_ratio/high_mean": stats.get("clip_high"),
+            "completions/mean_length": n.mean().item(), "completions/max_length": int(n.max().item()),
+            "completions/clipped_ratio": rollout["cut"].float().mean().item()}
 
 
 def format_metrics(m):
-    """The one-line summary of a step_metrics record (+ step, lr, step_s, tokens_per_s)."""
+    """The one-line summary of a step_metrics record (+ step, learning_rate, step_s, tokens_per_s)."""
     return (f"step {m['step']} | reward {m['reward']:.4f} (R_d {m['r_d']:.4f} R_c {m['r_c']:.5f}) zero-std "
             f"{m['frac_reward_zero_std']:.2f} | adv |max| {m['adv_absmax']:.2f} | tok_loss {m['token_loss']:.4f} "
             f"item_loss {m['item_loss']:.4f}" + (f" kl {m['kl']:.4f}" if m["kl"] is not None else "")
-            + f" | clip {m['clip_low']:.3f}/{m['clip_high']:.3f} | ent {m['entropy'] or 0:.2f} | len "
-            f"{m['completion_len_mean']:.1f}/{m['completion_len_max']} cut {m['frac_cut']:.2f} | gnorm "
-            f"{m['grad_norm']:.3f} | lr {m['lr']:.2e} | {m['step_s']:.2f}s/step {m['tokens_per_s']:.0f} tok/s")
+            + f" | clip {m['clip_ratio/low_mean']:.3f}/{m['clip_ratio/high_mean']:.3f} | ent {m['entropy'] or 0:.2f} | "
+            f"len {m['completions/mean_length']:.1f}/{m['completions/max_length']} cut {m['completions/clipped_ratio']:.2f}"
+            f" | gnorm {m['grad_norm']:.3f} | lr {m['learning_rate']:.2e} | {m['step_s']:.2f}s/step "
+            f"{m['tokens_per_s']:.0f} tok/s")

@@ -38,10 +38,7 @@ FIXED_ON_RESUME = ("dataset", "history", "synthetic_users", "synthetic_items", "
                    "batch_size", "seed", "prompt_history", "max_prompt_len", "no_reasoning", "item_loss")
 MAX_BAD_STEPS = 5   # non-finite loss/grad steps in a row before the run stops
 TRAIN_SHARE = 0.6   # of --time-budget, guaranteed to training whatever the test pass is estimated to cost
-
-
-class TrainError(data.UserError):
-    """User-facing error: main() prints `error: <msg>` and exits 2."""
+TrainError = data.UserError   # user-facing: main() prints `error: <msg>` and exits 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -118,6 +115,7 @@ def get_parser():
     a("--kernels", default="auto", choices=("auto", "triton", "torch", "chunked", "reference"), help="impl= of both kernels")
     a("--seed", type=I0, default=0, help="seed of init, user sampling and rollouts")
     a("--quiet", action="store_true", help="no progress bars")
+    a("--report-to", default="none", choices=data.REPORTERS, help="also log to tensorboard or wandb (optional packages)")
     return p
 
 
@@ -168,6 +166,7 @@ def validate(cfg):
     cfg["quiet"] = cfg["quiet"] or not data.is_main()   # torchrun: rank 0 alone prints and draws progress bars
     ev.check_kernels(cfg["kernels"], cfg["device"])
     data.check_out_dir(cfg["out"], "--out")   # a file, or a file on the way: refused before anything is built
+    data.reporter(cfg.get("report_to", "none"))   # its optional package, checked now
     M.check_init_from(cfg["init_from"])
     if cfg["init_from"] == "tiny":
         M.tiny_config(cfg)   # the tiny backbone's shape, checked before anything is built
@@ -333,7 +332,7 @@ def train(cfg):
         opt.load_state_dict(saved["optimizer"])
         M.set_rng_state(saved["rng"])
         step, state = saved["step"], {**state, **saved["state"]}
-    log = data.jsonl_logger(os.path.join(cfg["out"], "log.jsonl"))
+    log = data.jsonl_logger(os.path.join(cfg["out"], "log.jsonl"), cfg.get("report_to", "none"))
     M.clean_checkpoints(cfg["out"])
     print(f"preset {cfg['preset']} | config:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(cfg.items())))
     val_idx = ev.valid_subset(ds, cfg["val_samples"], cfg["seed"])
@@ -355,7 +354,7 @@ def train(cfg):
         stats = update(r, cfg, batch, opt, params, lr, ph)
         step += 1
         times.append(time.time() - t0)
-        rec = {"step": step, **recpo.step_metrics(*batch["step_rows"], stats), "lr": lr, "step_s": times[-1],
+        rec = {"step": step, **recpo.step_metrics(*batch["step_rows"], stats), "learning_rate": lr, "step_s": times[-1],
                "phases_s": dict(ph.s),
                "tokens_per_s": int(batch["step_rows"][3]["attention_mask"].sum()) * cfg["num_iterations"] / times[-1]}
         records.append(rec)

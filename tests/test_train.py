@@ -190,3 +190,40 @@ def test_nan_weights_are_never_best(tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in rb.model.parameters()) and torch.isfinite(rb.table.E).all()
     state = M.load_train_state(str(tmp_path / "run" / "best"))
     assert state["state"]["best_step"] <= 2
+
+
+def test_trl_metric_names_report_to_and_plot(tmp_path, capsys):
+    """Step records carry TRL's metric names; --report-to refuses a missing optional package in one line
+    before anything is created; eval.py --plot draws the run's curves (or says matplotlib is missing)."""
+    res, cfg = run(tmp_path, "--max-steps", "2", "--eval-every", "2", "--no-test", "--kernels", "torch")
+    rec = res["log"][-1]
+    for k in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "clip_ratio/low_mean",
+              "clip_ratio/high_mean", "entropy", "kl", "grad_norm", "learning_rate"):
+        assert k in rec, k
+    assert 0 < rec["completions/mean_length"] <= 2 and rec["learning_rate"] > 0
+    for kind in ("tensorboard", "wandb"):
+        try:
+            data.reporter(kind)
+        except data.UserError as e:   # not installed here: the run is refused before it creates anything
+            assert str(e).startswith(f"--report-to {kind}: pip install")
+            with pytest.raises(SystemExit) as ex:
+                T.main(SMALL + ["--report-to", kind, "--out", str(tmp_path / kind)])
+            assert ex.value.code == 2 and not (tmp_path / kind).exists()
+    capsys.readouterr()
+    try:
+        import matplotlib  # noqa: F401
+        has_mpl = True
+    except ImportError:
+        has_mpl = False
+    code = 0
+    try:
+        ev.main(["--plot", cfg["out"]])
+    except SystemExit as e:
+        code = e.code
+    if has_mpl:
+        assert code == 0 and os.path.getsize(os.path.join(cfg["out"], "curves.png")) > 10_000
+    else:
+        assert code == 2 and "matplotlib" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ex:
+        ev.main(["--plot", str(tmp_path / "nothing-here")])
+    assert ex.value.code == 2
