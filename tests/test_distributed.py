@@ -92,7 +92,7 @@ def test_first_step_equals_one_process(runs, tmp_path, one_thread):
     a, b = T.train(T.resolve_config(FLAGS + ["--max-steps", "1", "--out", str(tmp_path / "one")]))["log"][0], \
         steps(out["two"])[1]
     for k in ("token_loss", "item_loss", "grad_norm", "reward", "reward_std", "r_d", "adv_std", "entropy",
-              "completion_len_mean", "frac_cut", "rank_median"):
+              "completions/mean_length", "completions/clipped_ratio", "rank_median"):
         assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (k, a[k], b[k])
 
 
