@@ -92,6 +92,25 @@ class CLIParser(argparse.ArgumentParser):
         print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
+    def parse_saved(self, saved, path, required=(), skip=("resume", "preset")):
+        """A saved config (e.g. a checkpoint's run_config.json at `path`) back through this parser: types, ranges
+        and choices checked like the command line; a damaged or edited file is refused in one line naming it.
+        A key in `required` must be present; another flag missing from the file takes its default."""
+        defaults = vars(self.parse_args([]))
+        missing = [k for k in required if k not in saved]
+        if missing:
+            raise UserError(f"{path}: key {missing[0]!r} is missing; use a file written by this program")
+        argv = [x for k in defaults if k not in skip and saved.get(k) is not None and saved[k] is not False
+                for x in [f"--{k.replace('_', '-')}"] + ([] if saved[k] is True else [str(saved[k])])]
+
+        def refuse(msg):
+            raise UserError(f"{path}: {msg}; the file was edited or damaged")
+        error, self.error = self.error, refuse
+        try:
+            return {**saved, **vars(self.parse_args(argv))}
+        finally:
+            self.error = error
+
 
 def run_cli(fn, *args):
     """Call fn(*args); a UserError becomes `error: <msg>` on stderr and exit code 2. Launched by torchrun,

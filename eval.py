@@ -210,11 +210,16 @@ def evaluate_popularity(dataset, split_name, batch_size=1024, verbose=True, head
                     desc=f"popularity {split_name}", verbose=verbose, header=header, impl=impl, idx=idx)
 
 
+def subset_idx(n, k, seed):
+    """Sorted indices of a fixed seeded subset of k of n samples (k = 0 or k >= n: all of them)."""
+    return np.arange(n) if not k or k >= n else np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
 def valid_subset(dataset, k, seed):
     """Indices of the fixed seeded subset of valid used for model selection (k = 0: all of it); prints its
     protocol header and popularity's numbers on it."""
     n = len(dataset.valid)
-    idx = np.arange(n) if not k or k >= n else np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+    idx = subset_idx(n, k, seed)
     print(protocol_header(dataset, "valid", subset=None if len(idx) == n else (len(idx), seed)))
     pop = evaluate_popularity(dataset, "valid", verbose=False, header=False, idx=idx)
     print(format_table({"popularity (valid" + (" subset)" if len(idx) < n else ")"): pop}))
@@ -259,18 +264,24 @@ def evaluate_model(r, dataset, split_name, cfg, idx=None, verbose=True):
     return m, tm
 
 
-def evaluate_checkpoint(path, ds, split_name, device, batch_size=None, name=None, verbose=True, baselines=True):
-    """Load a checkpoint (no pickle) and score it on a split: prints the protocol header, the table (beside
-    popularity and SASRec when baselines) and the latency. -> (metrics, timings, table rows)."""
+def evaluate_checkpoint(path, ds, split_name, device, batch_size=None, name=None, verbose=True, baselines=True,
+                        samples=0, seed=0):
+    """Load a checkpoint (no pickle) and score it on a split (samples > 0: a fixed seeded subset of it, said in
+    the header, with popularity on the same subset): prints the protocol header, the table (beside popularity
+    and SASRec when baselines) and the latency. -> (metrics, timings, table rows)."""
     r, cfg = M.load_checkpoint(path, device=device, dataset=ds)
     bs = cfg["eval_batch_size"] if batch_size is None else batch_size
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:   # an empty batch loop would leave H unset
         raise EvalError(f"--batch-size {bs!r}: must be an integer >= 1")
     cfg["eval_batch_size"] = bs
-    print(protocol_header(ds, split_name))
-    m, tm = evaluate_model(r, ds, split_name, cfg, verbose=verbose)
+    n = len(get_split(ds, split_name))
+    idx = subset_idx(n, samples, seed)
+    print(protocol_header(ds, split_name, subset=None if len(idx) == n else (len(idx), seed)))
+    m, tm = evaluate_model(r, ds, split_name, cfg, idx, verbose=verbose)
     rows = {name or f"R2ec ({os.path.basename(os.path.normpath(path))})": m,
-            **(baseline_rows(ds, split_name) if baselines else {})}
+            **(baseline_rows(ds, split_name) if baselines and len(idx) == n else {})}
+    if len(idx) < n:
+        rows["popularity (same subset)"] = evaluate_popularity(ds, split_name, verbose=False, header=False, idx=idx)
     print(format_table(rows) + "\n" + latency_line(tm))
     return m, tm, rows
 
@@ -278,7 +289,8 @@ def evaluate_checkpoint(path, ds, split_name, device, batch_size=None, name=None
 def latency_line(tm):
     return (f"latency: reasoning + h_T (greedy, one cached pass) {1000 * tm['decode_s'] / tm['n']:.2f} ms/user, "
             f"full-catalog scoring {1000 * tm['rank_s'] / tm['n']:.3f} ms/user "
-            f"({tm['gen_tokens'] / tm['n']:.1f} reasoning tokens/user)")
+            f"({tm['gen_tokens'] / tm['n']:.1f} reasoning tokens/user"
+            + (f", {1 - tm.get('cut', 0) / tm['n']:.1%} wrote <answer> before the cap)" if tm["gen_tokens"] else ")"))
 
 
 def find_items(spec, ds):
@@ -338,15 +350,32 @@ def recommend(r, ds, cfg, ids, ratings=None, days_apart=1.0, k=10):
     return r.decode_completions(ro)[0], top
 
 
+def final_cost(state, n_test, cfg, share):
+    """Seconds to reserve for the final test pass: its estimate from the measured valid pass, but never more
+    than (1 - share) of the budget: training always gets its share, and a slow machine is reported."""
+    ev_ = [e for e in state["evals"] if "eval_n" in e]
+    est = 0 if cfg["no_test"] or not ev_ else 1.15 * ev_[-1]["eval_s"] / ev_[-1]["eval_n"] * n_test + 15
+    cap = (1 - share) * cfg["time_budget"] * 60
+    if est > cap and not state.get("slow_warned"):
+        state["slow_warned"] = True
+        tqdm.write(f"warning: this machine is slower than expected: the full test pass is estimated at {est:.0f}s, "
+                   f"over the {cap:.0f}s the budget leaves it; training keeps {share:.0%} of the budget and "
+                   f"the run will end about {est - cap:.0f}s late")
+    return min(est, cap)
+
+
 def main(argv=None):
     p = data.CLIParser(description="Score a trained R2ec checkpoint under the protocol, or recommend for a "
                        "hand-written history.")
     p.add_argument("--ckpt", help="checkpoint folder written by train.py (e.g. out/ml-100k/best)")
     p.add_argument("--plot", metavar="RUN", help="instead: draw a run's curves (out/ml-100k) from its log.jsonl "
                    "to RUN/curves.png (needs the optional package matplotlib)")
-    p.add_argument("--split", default="test", choices=("test", "valid"), help="split to score (all of it)")
+    p.add_argument("--split", default="test", choices=("test", "valid"), help="split to score (default all of it)")
     p.add_argument("--batch-size", type=data.pos_int, default=None, help="users per greedy-reasoning batch "
                    "(default: the training run's --eval-batch-size; results do not depend on it)")
+    p.add_argument("--samples", type=data.nonneg_int, default=0, help="score a fixed seeded subset of N samples "
+                   "of the split (said in the header; popularity on the same subset), 0 = all")
+    p.add_argument("--seed", type=data.nonneg_int, default=0, help="seed of the --samples subset")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--data-dir", default=None, help="raw data folder (default: the training run's)")
     p.add_argument("--history", default=None, help="'title | title | ...' or 'id | id | ...', oldest first: "
@@ -434,7 +463,8 @@ def run(args):
     cfg = M.read_run_config(args.ckpt, need=tuple(M.RUN_CONFIG_KEYS))   # every key scoring reads
     ds = data.load_for_run(cfg, args.data_dir, verbose=False)
     if not args.history:
-        evaluate_checkpoint(args.ckpt, ds, args.split, dev, args.batch_size, verbose=data.is_main(), baselines=False)
+        evaluate_checkpoint(args.ckpt, ds, args.split, dev, args.batch_size, verbose=data.is_main(), baselines=False,
+                            samples=args.samples, seed=args.seed)
         return
     ids = find_items(args.history, ds)
     ratings = parse_ratings(args.ratings, len(ids)) if args.ratings else None

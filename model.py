@@ -21,7 +21,10 @@ This file owns every model operation, once each (train.py and eval.py only call 
                 both heads with gradient, each prompt encoded once for its G chains
       items     .encode_items(ids, grad) -> h_v [n,d]; .refresh_items() re-encodes .table.E [N+1,d]
       users     .encode_users(prompts, max_new_tokens, batch_size) -> (h_T [n,d], timings) (greedy)
+      LM stage  .next_item_text(id) / .lm_documents(split, idx, n_hist) / .lm_loss(docs): the corpus and loss of
+                lm_stage(r, params, split, cfg), the nano pretraining before RecPO (train split only)
       low level .hidden(ids, mask, pos, cache) / .logits(h) / .pad_left(seqs) / .prefix_forward(...)
+      memory    .enable_gradient_checkpointing(): HF activation checkpointing, full rows instead of a shared cache
     sample_next, slice_rollout, new_cache (KV cache across transformers versions), autocast(device)
     apply_lora / merged_state_dict / lora_state_dict / load_lora_state: hand-written LoRA
     save_checkpoint / load_checkpoint / load_train_state / read_run_config / clean_checkpoints:
@@ -29,7 +32,11 @@ This file owns every model operation, once each (train.py and eval.py only call 
     ModelError: user-facing one-line errors (CLIs print "error: ..." and exit 2).
 
 Choices worth knowing: generation samples from logits computed as hidden . W^T (the same function the
-one-pass uses; Gemma-2's final logit soft-capping is therefore not applied, consistently in both).
+one-pass uses). Gemma-2's final logit soft-capping (config.final_logit_softcapping = c) is applied,
+consistently in both: logits c tanh(hidden . W^T / c), before the temperature (R2ec.softcap, passed to
+token_logprobs); a config with attention soft-capping loads with eager attention (the only HF attention
+that applies it). Gradient checkpointing (R2ec.enable_gradient_checkpointing) swaps the shared-prompt KV
+cache of forward_both / encode_items for one cache-free forward over full rows, the prompt repeated.
 A sequence that emits an end-of-turn token before the anchor is treated like a cut-off one: the EOS is
 dropped and the anchor appended. Run `python model.py --dataset ml-100k --users 8` for a quick look.
 """
@@ -226,7 +233,8 @@ def gguf_to_hf(path, cache_dir=None, verbose=True):
         raise ModelError(f"--init-from {path}: transformers could not read it "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     conf = type(gm.config).from_dict({k: v for k, v in gm.config.to_dict().items() if k != "quantization_config"})
-    model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)   # a plain model: saved as safetensors
+    model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32,   # a plain model: saved as safetensors
+                                             **eager_attention_kw(conf))
     model.load_state_dict(gm.state_dict())
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -240,11 +248,24 @@ def gguf_to_hf(path, cache_dir=None, verbose=True):
     return out
 
 
-def check_init_from(init_from):
-    """Cheap up-front check of --init-from (before any data is built): 'tiny', an installed .gguf package, a .gguf
-    file, or a folder with config.json and tokenizer files. build_backbone reports the rest."""
+def eager_attention_kw(config):
+    """from_pretrained / from_config keywords for a config (an HF config or the dict of a config.json):
+    attention soft-capping (Gemma-2: model_type "gemma2", or attn_logit_softcapping set) is applied by
+    Hugging Face's eager attention only, so such a model loads with attn_implementation="eager"."""
+    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    if get("model_type") == "gemma2" or get("attn_logit_softcapping"):
+        return {"attn_implementation": "eager"}
+    return {}
+
+
+def check_init_from(init_from, cfg=None):
+    """Cheap up-front check of --init-from (before any data is built): 'tiny' (with cfg: its shape flags, see
+    tiny_config), an installed .gguf package, a .gguf file, or a folder with config.json and tokenizer files.
+    build_backbone reports the rest."""
     path = os.path.expanduser(init_from)
     if init_from == "tiny":
+        if cfg is not None:
+            tiny_config(cfg)
         return
     if init_from in GGUF_PACKAGES:
         packaged_gguf(init_from)
@@ -329,7 +350,12 @@ def build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None
         if not verbose:   # a quiet load (eval, --resume) writes nothing to stderr: only an error line may appear
             hf_logging.disable_progress_bar()
         try:
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw).to(device)
+            with open(os.path.join(src, "config.json")) as f:
+                attn = eager_attention_kw(json.load(f))   # Gemma-2: soft-capped attention needs eager
+        except (OSError, ValueError, AttributeError):
+            attn = {}                                     # from_pretrained reports a bad config.json below
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw, **attn).to(device)
         except Exception as e:
             raise ModelError(f"--init-from {init_from}: could not load the model "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
@@ -440,6 +466,43 @@ def autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 
+_THREADS = {}
+
+
+def fit_threads(device="cpu", window=1.0):
+    """CPU runs: set torch's intra-op threads to the cores other processes leave free, measured from /proc/stat
+    since the last call (at most once per `window` seconds). On a 2-core machine where another process keeps
+    one core busy, torch's 2 OpenMP threads wait on each other at every op: a RecPO step went from 1.2 s to
+    11 s; with one thread it runs at about the idle speed. Never above the threads torch started with
+    (OMP_NUM_THREADS / torch.set_num_threads still rule); a no-op on CUDA, off Linux, in containers whose CPU
+    set is not the whole /proc/stat machine, and with R2EC_FIT_THREADS=0. Returns the thread count in use."""
+    st = _THREADS
+    if not st:
+        try:
+            with open("/proc/stat") as f:
+                ncpu = sum(1 for ln in f if ln[:3] == "cpu" and ln[3].isdigit())
+            cpus = len(os.sched_getaffinity(0))
+        except (OSError, AttributeError):
+            ncpu, cpus = 0, -1
+        st.update(on=ncpu == cpus and os.environ.get("R2EC_FIT_THREADS", "1") != "0", cpus=cpus,
+                  max=torch.get_num_threads(), last=None)
+    if not st["on"] or not str(device).startswith("cpu"):
+        return torch.get_num_threads()
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    t = os.times()
+    now = (time.time(), (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), t.user + t.system)   # wall, busy, ours
+    last = st["last"]
+    if last is None or now[0] - last[0] >= window:
+        st["last"] = now
+        if last is not None:
+            others = max(0.0, (now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0])   # cores busy elsewhere
+            n = max(1, min(st["max"], round(st["cpus"] - others)))
+            if n != torch.get_num_threads():
+                torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 class Phases:
     """Wall time per named phase (CUDA-synchronised at both ends): train.py logs it, bench.py --e2e reads it."""
 
@@ -521,6 +584,26 @@ class R2ec:
         self._item_ids, self._closes, self._item_prefix = {}, None, None
         self.item_map = None   # [(raw_id, title)] for ids 1..N when loaded from a checkpoint
         self.table = ItemTable(dataset.num_items, model.config.hidden_size, self.device) if dataset else None
+        # Gemma-2 final-logit soft-capping: logits c tanh(h.W / c), in .logits and every token_logprobs call
+        self.softcap = float(getattr(model.config, "final_logit_softcapping", None) or 0.0)
+        self.grad_ckpt = False   # set by enable_gradient_checkpointing()
+
+    def enable_gradient_checkpointing(self):
+        """HF activation checkpointing of every decoder layer (non-reentrant), for backbones whose activations
+        do not fit. Checkpointed layers drop any KV cache in training mode, so from then on forward_both and
+        encode_items (through prefix_forward) run full rows [prompt | completion] in one cache-free pass while
+        the model is in training mode; same results (to fp32 rounding), the prompt is recomputed per row.
+        Decoding must run in eval mode (train.py does). -> self."""
+        m, kw = self.model, {"use_reentrant": False}
+        if hasattr(m, "activation_checkpointing_enable"):   # newer transformers; the old name warns there
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        emb = m.get_input_embeddings()
+        if emb is not None and not emb.weight.requires_grad and getattr(m, "_require_grads_hook", None) is None:
+            m.enable_input_require_grads()   # LoRA (frozen embeddings): checkpointed layers get an input with grad
+        self.grad_ckpt = True
+        return self
 
     @property
     def device(self):
@@ -536,8 +619,10 @@ class R2ec:
         return self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, **kw).last_hidden_state
 
     def logits(self, h):
-        """LM head: h [N, d] -> fp32 logits [N, V]; the same function forward_both's log-probs use."""
-        return F.linear(h, self.lm_weight).float()
+        """LM head: h [N, d] -> fp32 logits [N, V]; the same function forward_both's log-probs use
+        (soft-capped, c tanh(z / c), when self.softcap = c > 0)."""
+        z = F.linear(h, self.lm_weight).float()
+        return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
 
     def pad_left(self, seqs):
         """Token lists -> (ids [B, P], mask [B, P]) LEFT-padded, on the model's device."""
@@ -710,7 +795,10 @@ class R2ec:
         """Hidden states of rows [prefix | suffix] where each prefix row (LEFT-padded, [R, P]) is shared by
         `repeat` consecutive suffix rows (RIGHT-padded, [R*repeat, S]): the prefix runs once, its KV cache
         is repeated (differentiably), the suffix attends to it. Same math as one forward over the
-        concatenation. -> (h of the prefix's last token [R*repeat, d], suffix hidden states [R*repeat, S, d])."""
+        concatenation. -> (h of the prefix's last token [R*repeat, d], suffix hidden states [R*repeat, S, d]).
+        Under gradient checkpointing in training mode (no KV cache there): rows_forward, the same results."""
+        if self.grad_ckpt and self.model.training:
+            return self.rows_forward(pre_ids, pre_mask, suf_ids, suf_mask, repeat)
         cache = new_cache(self.model)
         pos = (pre_mask.cumsum(-1) - 1).clamp(min=0)                                   # [R, P]
         hp = self.hidden(pre_ids, pre_mask, pos, cache)[:, -1]                         # [R, d]
@@ -721,18 +809,31 @@ class R2ec:
         spos = pos[:, -1:] + suf_mask.cumsum(-1)                                       # [N, S]
         return hp, self.hidden(suf_ids, mask, spos, cache)
 
+    def rows_forward(self, pre_ids, pre_mask, suf_ids, suf_mask, repeat=1):
+        """prefix_forward's results from ONE cache-free forward (use_cache=False) over the full rows
+        [prefix | suffix], each prefix row repeated for its `repeat` suffix rows; positions from the attention
+        mask. The gradient-checkpointing path: the prefix is recomputed per row, no KV cache is kept."""
+        if repeat > 1:
+            pre_ids, pre_mask = pre_ids.repeat_interleave(repeat, 0), pre_mask.repeat_interleave(repeat, 0)
+        P = pre_ids.shape[1]
+        mask = torch.cat([pre_mask, suf_mask.to(pre_mask.dtype)], 1)                   # [N, P+S]
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        h = self.hidden(torch.cat([pre_ids, suf_ids], 1), mask, pos)                   # [N, P+S, d]
+        return h[:, P - 1], h[:, P:]
+
     def forward_both(self, ro, G=1, temperature=1.0, return_entropy=False):
         """One backbone pass over rollout rows (whole groups of G sharing a prompt, encoded once) ->
         (logp [N, C] of the completion tokens at `temperature`, 0 on padding; h_T [N, d] fp32 L2-normalised
         at the last real token; entropy [N, C] or None). No [N, C, V] logits: the log-probs come from the
-        hidden states and the LM head weight through kernels.logprobs.token_logprobs."""
+        hidden states and the LM head weight through kernels.logprobs.token_logprobs (soft-capped like
+        .logits). Under gradient checkpointing in training mode, full rows in one cache-free pass (rows_forward)."""
         P = ro["prompt_len"]
         ids, am, cm = ro["input_ids"], ro["attention_mask"], ro["completion_mask"][:, P:]
         hp, hs = self.prefix_forward(ids[::G, :P], am[::G, :P], ids[:, P:], am[:, P:], G)   # [N, d], [N, C, d]
         pred = torch.cat([hp[:, None], hs[:, :-1]], 1)            # hidden that predicts completion token j
         m = cm.bool()
         out = token_logprobs(pred[m], self.lm_weight, ids[:, P:][m], temperature, return_entropy=return_entropy,
-                             impl=self.impl)
+                             impl=self.impl, softcap=self.softcap)
         lp, ent = out if return_entropy else (out, None)
         logp = torch.zeros(m.shape, device=hs.device).masked_scatter(m, lp.float())   # [N, C]
         if ent is not None:
@@ -799,11 +900,43 @@ class R2ec:
         s[:, 0] = float("-inf")
         return s
 
+    # ---- LM stage: the nano pretraining of a from-scratch backbone (train.py --pretrain-steps) ----
+    def next_item_text(self, item_id):
+        """What the LM stage teaches the reasoning to say about the next item: its short description (the
+        genres, when the data has them; long descriptions are skipped) and its title."""
+        it = self.dataset.items[int(item_id)]
+        desc = " ".join((it.get("description") or "").split())
+        return (desc + " " if desc and len(desc.split()) <= 12 else "") + f"Next: {it['title'].strip()}"
+
+    def lm_documents(self, split, idx, n_hist=None):
+        """LM-stage documents of samples idx of a split (train.py passes the TRAIN split only): the R²ec
+        prompt of the history, then the assistant turn '<next item text> <answer>'. -> (token lists, prompt lengths)."""
+        prompts = self.split_prompt_ids(split, idx, n_hist)
+        conts = self._encode([self.next_item_text(split.target[i]) for i in idx])
+        return [p + c + list(self.anchor_ids) for p, c in zip(prompts, conts)], [len(p) for p in prompts]
+
+    def lm_loss(self, docs, prompt_lens=None):
+        """Mean next-token NLL of token lists (right-padded; no [N, L, V] logits: the fused log-prob kernel);
+        with prompt_lens, the first prompt_lens[i] tokens are context only."""
+        L = max(len(d) for d in docs)
+        ids = torch.full((len(docs), L), self.pad_id, dtype=torch.long)
+        loss_mask = torch.zeros(len(docs), L, dtype=torch.bool)
+        for i, d in enumerate(docs):
+            ids[i, :len(d)] = torch.tensor(d)
+            loss_mask[i, (prompt_lens[i] if prompt_lens else 1):len(d)] = True
+        ids, loss_mask = ids.to(self.device), loss_mask.to(self.device)
+        am = (torch.arange(L, device=self.device)[None] < torch.tensor([len(d) for d in docs], device=self.device)[:, None])
+        pos = torch.arange(L, device=self.device)[None].expand(len(docs), L)
+        h = self.hidden(ids, am.long(), pos)                                           # [N, L, d]
+        m = loss_mask[:, 1:]
+        lp = token_logprobs(h[:, :-1][m], self.lm_weight, ids[:, 1:][m], 1.0, impl=self.impl, softcap=self.softcap)
+        return -lp.float().mean()
+
     # ---- users: evaluation-time encoding ----
     @torch.no_grad()
     def encode_users(self, prompts, max_new_tokens=640, batch_size=256, progress=False, desc="encode users",
                      shard=False):
-        """Greedy reasoning + anchor -> (h_T [n, d] CPU fp32, timings {decode_s, gen_tokens}). Batches hold
+        """Greedy reasoning + anchor -> (h_T [n, d] CPU fp32, timings {decode_s, gen_tokens, cut}). Batches hold
         prompts of similar length (sorted, longest first); rows never interact (left padding + position
         ids), so a row's h_T does not depend on its batch. shard=True (torchrun): each process decodes every
         world()-th of those same batches and the rows are summed over the processes (the others' are 0), so
@@ -814,20 +947,21 @@ class R2ec:
         self.model.eval()
         order = np.argsort([-len(p) for p in prompts], kind="stable")
         H = torch.zeros(len(prompts), self.model.config.hidden_size)
-        tm = {"decode_s": 0.0, "gen_tokens": 0}
+        tm = {"decode_s": 0.0, "gen_tokens": 0, "cut": 0}   # cut: rows that never wrote the anchor themselves
         starts = range(0, len(order), batch_size)
         for s in tqdm(starts[rank()::world()] if shard else starts, desc=desc, disable=not progress, leave=False,
                       unit="batch"):
-            b = order[s:s + batch_size]
-            t0 = time.time()
+            b, t0, _ = order[s:s + batch_size], time.time(), fit_threads(self.device)
             with autocast(self.device):
                 ro, h = self.decode([prompts[i] for i in b], greedy=True, max_new_tokens=max_new_tokens)
             H[torch.from_numpy(b)] = h.cpu()
             tm["decode_s"] += time.time() - t0
             tm["gen_tokens"] += int(ro["sampled_mask"].sum())
+            tm["cut"] += int(ro["cut"].sum()) if max_new_tokens else 0
         if shard and world() > 1:   # the wall time is the slowest process's
             H = all_reduce(H.to(self.device)).cpu()
-            tm = {**all_reduce({"gen_tokens": tm["gen_tokens"]}), **all_reduce({"decode_s": tm["decode_s"]}, "max")}
+            tm = {**all_reduce({"gen_tokens": tm["gen_tokens"], "cut": tm["cut"]}),
+                  **all_reduce({"decode_s": tm["decode_s"]}, "max")}
         self.model.train(was)
         return H, tm
 
@@ -1014,6 +1148,47 @@ def load_checkpoint(path, device="cpu", dtype=None, dataset=None):
     r.item_map = [(it["raw_id"], it["title"]) for it in imap["items"]]
     r.table = load_item_table(path, n_items, model.config.hidden_size, r.device)
     return r, run_config
+
+
+def lm_stage(r, params, split, cfg, seconds=0.0, log=None):
+    """Stage 1 of the nano recipe (nanochat's base/mid before RL): cfg["pretrain_steps"] AdamW steps of
+    next-token loss on lm_documents of `split` (train.py passes the TRAIN split), batch_size samples a step
+    drawn by data.train_indices, linear warmup (20 steps) then cosine to 0.1 x cfg["pretrain_lr"] over the
+    steps the stage will run (sized after 10 steps when `seconds` caps it); stops after `seconds` (0 = no cap).
+    Under torchrun each process takes its share of the batch; gradients are averaged.
+    -> {steps, loss (mean of the last 20 steps), seconds}."""
+    from data import all_reduce_grads, rank_slice, train_indices
+    steps, lr, B = cfg["pretrain_steps"], cfg["pretrain_lr"], cfg["batch_size"]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    t0, losses, horizon = time.time(), [], steps
+    bar = tqdm(total=steps, desc="LM stage", disable=cfg["quiet"], unit="step")
+    r.model.train()
+    for s in range(steps):
+        el, _ = time.time() - t0, fit_threads(r.device)
+        if seconds and el > seconds:
+            break
+        if seconds and s == 10:   # the cosine ends where the time cap will stop the stage
+            horizon = min(steps, int(seconds / (el / s)))
+        t = min(1.0, s / max(1, horizon))
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (s + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+        idx = train_indices(s, B, len(split), cfg["seed"] + 7919)[rank_slice(B)]
+        docs, _ = r.lm_documents(split, idx, cfg["prompt_history"])
+        with autocast(r.device):
+            loss = r.lm_loss(docs)
+        loss.backward()
+        all_reduce_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if log and (s + 1) % 50 == 0:
+            log({"lm_step": s + 1, "lm_loss": float(np.mean(losses[-50:])), "learning_rate": opt.param_groups[0]["lr"]})
+    bar.close()
+    return {"steps": len(losses), "loss": float(np.mean(losses[-20:])) if losses else float("nan"),
+            "seconds": time.time() - t0}
 
 
 def param_groups(r, params, embed_lr_mult=1.0):

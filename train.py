@@ -4,10 +4,11 @@
     python train.py --init-from ~/models/Qwen2.5-3B-Instruct --dataset amazon-2023:Video_Games --data-dir ~/amazon
     python train.py --resume out/ml-100k/last          # continue exactly where a run stopped
 
-This file is the loop: config (presets, validation, resume), build, rollout() and update() of one RL step,
-evaluation, checkpoints, log, the test table. Model operations live in model.py, the objective in recpo.py, the
-protocol in eval.py, the data in data.py. Presets: `paper` (CUDA default), `cpu` (the 10-minute demo; README).
-"""
+Stages, like nanochat's base -> RL: a from-scratch tiny backbone learns the data's language from the TRAIN split
+(model.lm_stage: R²ec prompts, then the next item's text; --pretrain-steps), then RecPO. This file is the loop:
+config (presets, validation, resume), build, rollout() and update() of one RL step, evaluation, checkpoints, log,
+the test table. Model operations live in model.py, the objective in recpo.py, the protocol in eval.py, the data in
+data.py. Presets: `paper` (CUDA default), `cpu` (the 10-minute demo; README)."""
 import argparse
 import copy
 import json
@@ -27,17 +28,20 @@ import recpo
 
 PRESETS = {
     "paper": dict(prompt_history=20, max_new_tokens=640, val_samples=0, train_recent=0, item_loss="inbatch",
-                  micro_batch_size=4, embed_lr_mult=1.0, time_budget=0.0),
-    "cpu": dict(prompt_history=8, max_new_tokens=8, val_samples=1000, train_recent=10000, item_loss="sampled",
-                micro_batch_size=32, embed_lr_mult=0.1, time_budget=10.0),
+                  micro_batch_size=4, embed_lr_mult=1.0, time_budget=0.0, pretrain_steps=0, temperature=2.0, kl_beta=0.0),
+    "cpu": dict(prompt_history=8, max_new_tokens=32, val_samples=1000, train_recent=10000, item_loss="sampled",
+                micro_batch_size=32, embed_lr_mult=0.1, time_budget=10.0, pretrain_steps=2000, temperature=1.0,
+                kl_beta=0.1),
 }
 LR = {"tiny": 2e-3, "hf": 1e-5}   # --lr default by backbone [paper: 1e-5]
 # what a resumed run may not change: it defines the data, the model or the meaning of a step
 FIXED_ON_RESUME = ("dataset", "history", "synthetic_users", "synthetic_items", "init_from", "tiny_layers",
                    "tiny_hidden", "tiny_heads", "lora_r", "lora_alpha", "tau", "num_generations",
                    "batch_size", "seed", "prompt_history", "max_prompt_len", "no_reasoning", "item_loss")
+OPTIONAL_SAVED = ("resume", "preset", "data_dir", "max_prompt_len", "pretrain_steps", "logp_temperature")
 MAX_BAD_STEPS = 5   # non-finite loss/grad steps in a row before the run stops
 TRAIN_SHARE = 0.6   # of --time-budget, guaranteed to training whatever the test pass is estimated to cost
+PRETRAIN_SHARE = 0.35   # of --time-budget, the most the LM stage may take
 TrainError = data.UserError   # user-facing: main() prints `error: <msg>` and exits 2
 
 
@@ -67,11 +71,17 @@ def get_parser():
     a("--lora-alpha", type=F, default=128.0, help="LoRA alpha [paper: 128]")
     a("--lora-dropout", type=U, default=0.0, help="LoRA dropout")
     a("--tau", type=F, default=0.02, help="cosine temperature of the item head, s = cos/tau [paper: 0.02]")
+    # the LM stage before RecPO (model.lm_stage): a from-scratch backbone learns the data's language
+    a("--pretrain-steps", type=I0, help=f"LM-stage steps, 0 = skip [paper: 0; cpu: 2000, <= {PRETRAIN_SHARE:.0%} of budget]")
+    a("--pretrain-lr", type=F, default=3e-3, help="LM stage: AdamW peak LR")
+    a("--item-warmup", type=I0, default=0, help="first N RecPO steps w/o reasoning (G = 1, item loss only)")
     # rollouts
     a("--num-generations", type=I, default=4, help="reasoning chains per user, G >= 2 [paper: 4]")
-    a("--temperature", type=F, default=2.0, help="sampling temperature of rollouts [paper: 2.0]")
+    a("--temperature", type=F, help="sampling temperature of rollouts [paper: 2.0; cpu: 1.0]")
     a("--top-k", type=I0, default=50, help="top-k sampling of rollouts, 0 = off [paper: 50]")
-    a("--max-new-tokens", type=I0, help="reasoning token limit, train and eval [paper: 640; cpu: 8]")
+    a("--logp-temperature", type=F, help="temperature of the token log-probs in the loss (and of the KL) [paper's "
+      "reference code, as TRL: = --temperature, the default]; ratio and clipping use the same one")
+    a("--max-new-tokens", type=I0, help="reasoning token limit, train and eval [paper: 640; cpu: 32]")
     a("--no-reasoning", action="store_true", help="ablation 'w/o reasoning': anchor right after prompt")
     # reward and objective (recpo.py)
     a("--reward", default="mix", choices=recpo.REWARD_KINDS, help="ndcg: R_d, softmax: R_c, mix [paper: mix]")
@@ -85,11 +95,12 @@ def get_parser():
       "+ uniform negatives [cpu: sampled], or the cached table (full)")
     a("--item-negatives", type=I, default=128, help="sampled item loss: uniform items per step, encoded with grad")
     a("--relabel-topk", type=I, default=1, help="item loss on the top-k chains per group [paper: 1; its script: 2]")
-    a("--kl-beta", type=F0, default=0.0, help="k3 KL to a frozen copy of the initial model [paper: 0 = off]")
+    a("--kl-beta", type=F0, help="k3 KL to a frozen copy of the model RecPO starts (or resumes) from [paper: 0; cpu: 0.1]")
     a("--reference-broadcast", action="store_true", help="ablation: the reference code's defect (recpo.py, 1.)")
     # optimization
     a("--batch-size", type=I, default=32, help="training users per step (each with G rollouts)")
     a("--micro-batch-size", type=I, help="users per forward/backward [paper setup: 4; cpu: = --batch-size]")
+    a("--gradient-checkpointing", action="store_true", help="recompute activations in backward (large backbones)")
     a("--num-iterations", type=I, default=1, help="optimizer passes over each rollout batch [paper: 1]")
     a("--lr", type=F, help=f"AdamW peak learning rate [paper: 1e-5; tiny backbone default: {LR['tiny']}]")
     a("--weight-decay", type=F0, default=0.0, help="AdamW weight decay")
@@ -108,6 +119,7 @@ def get_parser():
     a("--eval-batch-size", type=I, default=256, help="users per greedy-reasoning batch at evaluation")
     a("--patience", type=I0, default=5, help="stop after N evaluations without a better valid NDCG@10 (0 = never)")
     a("--no-test", action="store_true", help="skip the final test evaluation")
+    a("--test-samples", type=I0, default=0, help="final test on a fixed seeded subset (said in the header), 0 = all")
     a("--log-every", type=I, default=5, help="one log line + one log.jsonl record every N steps")
     a("--out", help="output folder (default out/<dataset-slug>): best/, last/, log.jsonl, results.json")
     a("--resume", help="checkpoint folder (e.g. out/ml-100k/last) to continue exactly; explicit flags override")
@@ -128,7 +140,10 @@ def resolve_config(argv=None):
     seen = vars(p.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in vars(args)})))
     given = {k: v for k, v in seen.items() if v is not unset}
     if args.resume:
-        saved = {**vars(args), **check_saved(p, M.read_run_config(args.resume, "--resume"), args.resume)}
+        saved = M.read_run_config(args.resume, "--resume")
+        d = vars(p.parse_args([]))   # what defines a run must be saved; a flag newer than the checkpoint: default
+        need = [k for k in d if k in FIXED_ON_RESUME or d[k] is None and k not in OPTIONAL_SAVED]
+        saved = {**vars(args), **p.parse_saved(saved, os.path.join(args.resume, "run_config.json"), need)}
         changed = [k for k in FIXED_ON_RESUME if k in given and given[k] != saved.get(k)]
         if changed:
             raise TrainError(f"--resume {args.resume}: --{changed[0].replace('_', '-')} cannot change in a resumed "
@@ -138,25 +153,10 @@ def resolve_config(argv=None):
     preset = args.preset or ("paper" if ev.pick_device(args.device).startswith("cuda") else "cpu")
     cfg = {**vars(args), **PRESETS[preset], **given, "preset": preset}
     cfg["lr"] = cfg["lr"] or LR["tiny" if cfg["init_from"] == "tiny" else "hf"]
+    cfg["logp_temperature"] = cfg["logp_temperature"] or cfg["temperature"]
+    cfg["pretrain_steps"] = cfg["pretrain_steps"] if cfg["init_from"] == "tiny" or "pretrain_steps" in given else 0
     cfg["out"] = cfg["out"] or os.path.join("out", data.slug(cfg["dataset"]))
     return validate(cfg)
-
-
-def check_saved(p, saved, path):
-    """A resumed run's run_config.json through the same parser as the command line (types, ranges, choices):
-    a damaged or hand-edited file is refused in one line. A flag newer than the checkpoint takes its default."""
-    f, defaults = os.path.join(path, "run_config.json"), vars(p.parse_args([]))
-    missing = [k for k in defaults if k not in saved and (k in FIXED_ON_RESUME or defaults[k] is None and k not in
-                                                          ("resume", "preset", "data_dir", "max_prompt_len"))]
-    if missing:
-        raise TrainError(f"{f}: key {missing[0]!r} is missing; resume from a checkpoint written by train.py")
-    argv = [x for k in defaults if k not in ("resume", "preset") and saved.get(k) is not None and saved[k] is not False
-            for x in [f"--{k.replace('_', '-')}"] + ([] if saved[k] is True else [str(saved[k])])]
-
-    def refuse(msg):
-        raise TrainError(f"{f}: {msg}; the file was edited or damaged")
-    p.error = refuse
-    return {**saved, **vars(p.parse_args(argv))}
 
 
 def validate(cfg):
@@ -167,9 +167,7 @@ def validate(cfg):
     ev.check_kernels(cfg["kernels"], cfg["device"])
     data.check_out_dir(cfg["out"], "--out")   # a file, or a file on the way: refused before anything is built
     data.reporter(cfg.get("report_to", "none"))   # its optional package, checked now
-    M.check_init_from(cfg["init_from"])
-    if cfg["init_from"] == "tiny":
-        M.tiny_config(cfg)   # the tiny backbone's shape, checked before anything is built
+    M.check_init_from(cfg["init_from"], cfg)   # and the tiny backbone's shape, before anything is built
     checks = [(cfg["batch_size"] % (data.world() * cfg["micro_batch_size"]) == 0,   # torchrun: B/N users per process
                f"--batch-size {cfg['batch_size']} must be a multiple of --micro-batch-size {cfg['micro_batch_size']}"
                + (f" x {data.world()} processes" if data.world() > 1 else "")),
@@ -185,19 +183,20 @@ def validate(cfg):
 # ----------------------------------------------------------------------------------------------------------
 # one RL step: rollout() then update()
 
-def lr_at(step, cfg):
-    """Linear warmup, then cosine to min_lr_frac * lr over --max-steps."""
+def lr_at(step, cfg, horizon=None):
+    """Linear warmup, then cosine to min_lr_frac * lr over --max-steps, or over the steps the time budget allows
+    (`horizon`, estimated after 10 steps)."""
     lr, w = cfg["lr"], cfg["warmup_steps"]
     if step < w:
         return lr * (step + 1) / w
-    t = min(1.0, (step - w) / max(1, cfg["max_steps"] - w))
+    t = min(1.0, (step - w) / max(1, (horizon or cfg["max_steps"]) - w))
     return lr * (cfg["min_lr_frac"] + (1 - cfg["min_lr_frac"]) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def rollout(r, ds, cfg, step, ref=None, ph=None):
     """Users -> G chains each with h_T (one cached pass) -> rewards over the full catalog -> advantages.
     Returns a batch dict; chunks[i] = the i-th micro-batch of rollout rows, trimmed of all-padding columns."""
-    ph = ph or M.Phases()
+    ph, _ = ph or M.Phases(), M.fit_threads(r.device)   # CPU: threads = the cores other processes leave free
     tr, B, mine = ds.train, cfg["batch_size"], data.rank_slice(cfg["batch_size"])   # torchrun: users [mine] of B
     G = 1 if cfg["no_reasoning"] else cfg["num_generations"]   # w/o reasoning: the G chains would be equal
     pool = np.arange(len(tr))[-cfg["train_recent"]:] if cfg["train_recent"] else np.arange(len(tr))
@@ -216,7 +215,7 @@ def rollout(r, ds, cfg, step, ref=None, ph=None):
         mb, n = cfg["micro_batch_size"] * G, len(idx) * G
         chunks = [M.slice_rollout(ro, torch.arange(s, min(s + mb, n), device=r.device)) for s in range(0, n, mb)]
         for c in chunks if ref is not None else []:   # frozen initial model, for the k3 KL
-            c["ref_logp"] = ref.forward_both(c, G, cfg["temperature"])[0]
+            c["ref_logp"] = ref.forward_both(c, G, cfg["logp_temperature"])[0]
     r.model.train()
     with ph("reward"):
         rw = recpo.compute_rewards(h_T, r.table.E, targets, hist, cfg["tau"], cfg["reward_k"], cfg["reward_beta"],
@@ -245,7 +244,7 @@ def update(r, cfg, batch, opt, params, lr, ph=None):
             uniq, inv = torch.unique(tgt, return_inverse=True)
             ids = uniq if batch["neg"] is None else torch.cat([uniq, batch["neg"]])            # [u (+S)]
             with ph("forward (tokens)"), M.autocast(r.device):
-                logp, h_T, ent = r.forward_both(c, G, cfg["temperature"], return_entropy=True)  # [b, C], [b, d]
+                logp, h_T, ent = r.forward_both(c, G, cfg["logp_temperature"], return_entropy=True)  # [b, C], [b, d]
             with ph("item encoding"), M.autocast(r.device):
                 emb = r.encode_items(ids.tolist(), grad=True, batch_size=cfg["item_batch_size"])  # [u(+S), d]
             writes.append((ids, emb.detach()))
@@ -299,6 +298,8 @@ def build(cfg, ds, verbose=True):
     if res and lora_r > 0:   # base weights from --init-from + the saved adapter
         M.load_lora_state(model, os.path.join(res, "adapter.safetensors"))
     r = M.R2ec(model, tok, ds, tau=cfg["tau"], max_prompt_len=cfg["max_prompt_len"], impl=cfg["kernels"])
+    if cfg.get("gradient_checkpointing"):   # after apply_lora: frozen embeddings then need input grads
+        r.enable_gradient_checkpointing()
     r.split_prompt_ids(ds.train, [0], cfg["prompt_history"])   # a --max-prompt-len too small fails here, early
     if res:   # the item table as saved (the checkpoint's item map is checked against the dataset)
         M.read_item_map(res, ds)
@@ -307,6 +308,18 @@ def build(cfg, ds, verbose=True):
         r.refresh_items(cfg["item_batch_size"])
     model.train()
     return r, params, M.load_train_state(res) if res else None
+
+
+def optimizer(r, params, cfg, saved):
+    """AdamW -> (opt, state, step); resuming: with the saved optimizer, RNG and counters."""
+    opt = torch.optim.AdamW(M.param_groups(r, params, cfg["embed_lr_mult"]), lr=cfg["lr"], betas=(0.9, 0.99),
+                            weight_decay=cfg["weight_decay"])
+    state = {"best": -1.0, "best_step": -1, "bad_evals": 0, "evals": [], "skipped": 0}
+    if saved is None:
+        return opt, state, 0
+    opt.load_state_dict(saved["optimizer"])
+    M.set_rng_state(saved["rng"])
+    return opt, {**state, **saved["state"]}, saved["step"]
 
 
 def save(name, r, cfg, opt, step, state):
@@ -323,43 +336,44 @@ def train(cfg):
     random.seed(cfg["seed"]), np.random.seed(cfg["seed"]), torch.manual_seed(cfg["seed"])
     ds = data.load_for_run(cfg, verbose=not cfg["quiet"])
     r, params, saved = build(cfg, ds, verbose=not cfg["quiet"])
-    opt = torch.optim.AdamW(M.param_groups(r, params, cfg["embed_lr_mult"]), lr=cfg["lr"], betas=(0.9, 0.99),
-                            weight_decay=cfg["weight_decay"])
-    ref = None if not cfg["kl_beta"] else M.R2ec(copy.deepcopy(r.model).eval().requires_grad_(False), r.tok, None,
-                                                 cfg["tau"], r.max_prompt_len, cfg["kernels"])
-    state, step = {"best": -1.0, "best_step": -1, "bad_evals": 0, "evals": [], "skipped": 0}, 0
-    if saved is not None:   # resume: optimizer, RNG, counters; the item table came with the weights
-        opt.load_state_dict(saved["optimizer"])
-        M.set_rng_state(saved["rng"])
-        step, state = saved["step"], {**state, **saved["state"]}
+    opt, state, step = optimizer(r, params, cfg, saved)
     log = data.jsonl_logger(os.path.join(cfg["out"], "log.jsonl"), cfg.get("report_to", "none"))
     M.clean_checkpoints(cfg["out"])
     print(f"preset {cfg['preset']} | config:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(cfg.items())))
+    if saved is None and cfg["pretrain_steps"]:   # stage 1, the LM stage (train split only); then RecPO
+        state["pretrain"] = M.lm_stage(r, params, ds.train, cfg, PRETRAIN_SHARE * budget, log)
+        log(state["pretrain"], "LM stage: {steps} steps, loss {loss:.3f}, {seconds:.0f}s".format(**state["pretrain"]))
+        r.refresh_items(cfg["item_batch_size"])
+    ref = None if not cfg["kl_beta"] else M.R2ec(copy.deepcopy(r.model).eval().requires_grad_(False), r.tok, None,
+                                                 cfg["tau"], r.max_prompt_len, cfg["kernels"])   # after the LM stage
     val_idx = ev.valid_subset(ds, cfg["val_samples"], cfg["seed"])
     log({"config": cfg, "val_samples": len(val_idx)})
     if step == 0 and saved is None and cfg["eval_every"] > 0:
         run_eval(r, ds, cfg, val_idx, opt, step, state, log, params)   # untrained: reference point + timing
     times, stop, records, bad = [], None, [], 0
+    last_eval = lambda: state["evals"][-1]["eval_s"] if state["evals"] else 0.0   # noqa: E731
+    left = lambda: budget - time.time() + t_start - ev.final_cost(state, len(ds.test), cfg, TRAIN_SHARE) - last_eval()  # noqa
     bar = tqdm(total=None if budget else cfg["max_steps"], initial=step, desc="RecPO", disable=cfg["quiet"], unit="step")
     while step < cfg["max_steps"]:
-        if budget and data.any_rank(time.time() - t_start + np.mean(times[-10:] or [0]) + final_cost(state, ds, cfg)
-                                    > budget):   # any_rank: every process stops at the same step
-            stop = f"time budget ({cfg['time_budget']:g} min; final test pass reserved)"
+        if budget and data.any_rank(np.mean(times[-10:] or [0]) > left()):   # any_rank: all stop at the same step
+            stop = f"time budget ({cfg['time_budget']:g} min; a last valid and the test pass reserved)"
             break
         t0, ph = time.time(), M.Phases(r.device.type == "cuda")
         if step and step % cfg["item_refresh"] == 0:
             r.refresh_items(cfg["item_batch_size"])
-        lr = lr_at(step, cfg)
-        batch = rollout(r, ds, cfg, step, ref, ph)
-        stats = update(r, cfg, batch, opt, params, lr, ph)
+        if budget and len(times) >= 10 and step >= cfg["item_warmup"] + 10 and not state.get("horizon"):   # evals too
+            per = np.mean(times[-10:]) + (last_eval() / cfg["eval_every"] if cfg["eval_every"] else 0)
+            state["horizon"] = min(cfg["max_steps"], step + int(left() / per))
+        c, lr = cfg if step >= cfg["item_warmup"] else {**cfg, "no_reasoning": True}, lr_at(step, cfg, state.get("horizon"))
+        batch = rollout(r, ds, c, step, ref, ph)   # c: the item-head warm-up steps run without reasoning
+        stats = update(r, c, batch, opt, params, lr, ph)
         step += 1
         times.append(time.time() - t0)
         rec = {"step": step, **recpo.step_metrics(*batch["step_rows"], stats), "learning_rate": lr, "step_s": times[-1],
                "phases_s": dict(ph.s),
                "tokens_per_s": int(batch["step_rows"][3]["attention_mask"].sum()) * cfg["num_iterations"] / times[-1]}
         records.append(rec)
-        bar.update(1)
-        bar.set_postfix(reward=f"{rec['reward']:.3f}", loss=f"{rec['token_loss'] + rec['item_loss']:.3f}")
+        bar.update(1), bar.set_postfix(reward=f"{rec['reward']:.3f}", loss=f"{rec['token_loss'] + rec['item_loss']:.3f}")
         bad, state["skipped"] = (bad + 1, state["skipped"] + 1) if stats["skipped"] else (0, state["skipped"])
         if bad >= MAX_BAD_STEPS:
             raise TrainError(f"{bad} steps in a row with a non-finite loss or gradient (last: step {step}); "
@@ -373,8 +387,7 @@ def train(cfg):
                 break
     bar.close()
     if cfg["eval_every"] and (not state["evals"] or state["evals"][-1]["step"] != step):
-        last = state["evals"][-1]["eval_s"] if state["evals"] else 0
-        if not budget or not data.any_rank(time.time() - t_start + last + final_cost(state, ds, cfg) >= budget):
+        if not budget or not data.any_rank(left() < 0):
             run_eval(r, ds, cfg, val_idx, opt, step, state, log, params)
     if not os.path.isdir(state.get("best_dir", "")):   # no evaluation: the last model is the best one
         r.refresh_items(cfg["item_batch_size"])
@@ -389,7 +402,8 @@ def train(cfg):
               f"numbers below are not a trained model's (a longer --time-budget or a less busy machine helps)")
     if not cfg["no_test"]:
         m, tm, rows = ev.evaluate_checkpoint(state["best_dir"], ds, "test", cfg["device"], cfg["eval_batch_size"],
-                                             f"R2ec (best, step {state['best_step']})", verbose=not cfg["quiet"])
+                                             f"R2ec (best, step {state['best_step']})", not cfg["quiet"],
+                                             samples=cfg.get("test_samples", 0), seed=cfg["seed"])
         log({"test": m, "best_step": state["best_step"], "baselines": rows})
         result.update(test=m, table=ev.format_table(rows), test_timing=tm)
     result["seconds"] = time.time() - t_start
@@ -418,20 +432,6 @@ def run_eval(r, ds, cfg, val_idx, opt, step, state, log, params):
         state.update(best_dir=os.path.abspath(os.path.join(cfg["out"], "best")), best_step=step)
         save("best", r, cfg, opt, step, state)
     save("last", r, cfg, opt, step, state)
-
-
-def final_cost(state, ds, cfg):
-    """Seconds to reserve for the final test pass: its estimate from the measured valid pass, but never more
-    than (1 - TRAIN_SHARE) of the budget: training always gets its share, and a slow machine is reported."""
-    ev_ = [e for e in state["evals"] if "eval_n" in e]
-    est = 0 if cfg["no_test"] or not ev_ else 1.15 * ev_[-1]["eval_s"] / ev_[-1]["eval_n"] * len(ds.test) + 15
-    cap = (1 - TRAIN_SHARE) * cfg["time_budget"] * 60
-    if est > cap and not state.get("slow_warned"):
-        state["slow_warned"] = True
-        tqdm.write(f"warning: this machine is slower than expected: the full test pass is estimated at {est:.0f}s, "
-                   f"over the {cap:.0f}s the budget leaves it; training keeps {TRAIN_SHARE:.0%} of the budget and "
-                   f"the run will end about {est - cap:.0f}s late")
-    return min(est, cap)
 
 
 def main(argv=None):

@@ -23,6 +23,11 @@ the gradients asked for are computed. Frozen head (W without grad, the LoRA case
 output, so only g can come back: dh = -g/t (expm1(logp_y) W_y + q) with q_i = sum_{j != y} p_ij W_j,
 which the PyTorch paths accumulate in the forward pass (one extra GEMM there, no backward pass over W:
 2 GEMM-sized passes in all instead of 3).
+Final-logit soft-capping (softcap=c > 0, Gemma-2's final_logit_softcapping; 0 = off): the raw logit
+a = h . W_j is capped BEFORE the temperature, z = c tanh(a / c) / t. Everything above holds in z; the
+chain rule only swaps the factor 1/t for dz/da = (1 - tanh^2(a / c)) / t (in the frozen-head form, the
+W_j of q and the W_y term each take their own factor 1 - tanh^2). Every path applies it (tanh through
+expm1 in the kernels).
 
 Paths (impl=):
 - reference: materialised (the spec).
@@ -51,10 +56,14 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------- reference (the spec)
-def token_logprobs_reference(hidden, weight, tokens, temperature=1.0, mask=None, return_entropy=False):
+def token_logprobs_reference(hidden, weight, tokens, temperature=1.0, mask=None, return_entropy=False,
+                             softcap=0.0):
     """Materialises [T, V] logits in fp32 (fp64 if the inputs are fp64). Differentiable by autograd."""
     cdt = torch.promote_types(hidden.dtype, torch.float32)
-    z = (hidden.to(cdt) @ weight.to(cdt).T) / temperature                      # [..., V]
+    z = hidden.to(cdt) @ weight.to(cdt).T                                     # [..., V]
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
     logp_all = torch.log_softmax(z, dim=-1)
     logp = logp_all.gather(-1, tokens.long()[..., None]).squeeze(-1)          # [...]
     ent = -(logp_all.exp() * logp_all).sum(-1)
@@ -67,28 +76,36 @@ def token_logprobs_reference(hidden, weight, tokens, temperature=1.0, mask=None,
 TORCH_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 26}   # torch: logits elements per row block (4 MB / 256 MB fp32)
 
 
-def _plan(impl, h, W):
+def _plan(impl, h, W, c=0.0):
     """(GEMM dtype, logits dtype, rows per block) of the row-blocked PyTorch paths. torch: fp32 GEMMs
     (fp64 for fp64 inputs), TORCH_CHUNK logits per block. chunked: GEMMs in W's dtype on CUDA half
-    inputs (cuBLAS, logits upcast to fp32), WORKSPACE_BYTES of logits per block."""
+    inputs (cuBLAS, logits upcast to fp32), WORKSPACE_BYTES of logits per block (soft-capping, c > 0,
+    holds one more fp32 block: tanh)."""
     cdt = torch.promote_types(h.dtype, torch.float32)
     V = max(W.shape[0], 1)
     if impl == "chunked":
         gdt = W.dtype if W.is_cuda and W.dtype in (torch.bfloat16, torch.float16) else cdt
-        return gdt, cdt, workspace_rows(h.device, V * (gdt.itemsize + 2 * cdt.itemsize))
+        return gdt, cdt, workspace_rows(h.device, V * (gdt.itemsize + (3 if c else 2) * cdt.itemsize))
     return cdt, cdt, max(1, TORCH_CHUNK.get(h.device.type, 1 << 22) // V)
 
 
-def _torch_forward(impl, h, W, y, t, want_q):
+def _torch_forward(impl, h, W, y, t, c, want_q):
     """h [T,d], W [V,d], y [T] -> m, ls, logp, ent [T] and, when want_q, q [T,d] = sum_{j != y} p_j W_j
-    (the frozen-head backward needs nothing else)."""
-    gdt, cdt, rows = _plan(impl, h, W)
+    (the frozen-head backward needs nothing else; soft-capped, c > 0: p_j (1 - tanh_j^2) W_j, and
+    sy [T] = 1 - tanh_y^2, the target's factor; None otherwise)."""
+    gdt, cdt, rows = _plan(impl, h, W, c)
     Wg, T = W.to(gdt), h.shape[0]
     m, ls, logp, ent = (torch.empty(T, dtype=cdt, device=h.device) for _ in range(4))
     q = torch.empty(h.shape, dtype=cdt, device=h.device) if want_q else None
+    sy = torch.empty(T, dtype=cdt, device=h.device) if want_q and c else None
     for a in range(0, T, rows):
         b = min(T, a + rows)
-        z = torch.mm(h[a:b].to(gdt), Wg.T).to(cdt).mul_(1.0 / t)               # [r, V]
+        z = torch.mm(h[a:b].to(gdt), Wg.T).to(cdt)                             # [r, V] raw logits
+        if c:                                                                  # z = c tanh(a / c) / t
+            th = z.div_(c).tanh_()
+            z = th * (c / t) if want_q else th.mul_(c / t)
+        else:
+            z.mul_(1.0 / t)
         m[a:b] = z.max(1).values
         z.sub_(m[a:b, None])                                                   # z - m  (<= 0)
         e = z.exp()                                                            # [r, V]
@@ -97,21 +114,32 @@ def _torch_forward(impl, h, W, y, t, want_q):
         logp[a:b] = z.gather(1, y[a:b, None]).squeeze(1) - ls[a:b]
         ent[a:b] = ls[a:b] - (e[:, None, :] @ z[:, :, None]).view(-1) / s      # no 3rd [r,V] buffer
         if want_q:
-            q[a:b] = (e.scatter_(1, y[a:b, None], 0.0).to(gdt) @ Wg).to(cdt) / s[:, None]
-    return m, ls, logp, ent, q
+            w = e.scatter_(1, y[a:b, None], 0.0)
+            if c:
+                sy[a:b] = 1.0 - th.gather(1, y[a:b, None]).squeeze(1).square()
+                w.mul_(th.square_().neg_().add_(1.0))                          # p_j (1 - tanh_j^2) s
+            q[a:b] = (w.to(gdt) @ Wg).to(cdt) / s[:, None]
+    return m, ls, logp, ent, q, sy
 
 
-def _torch_backward(impl, h, W, y, t, m, ls, ent, g, e, need_dh, need_dW):
+def _torch_backward(impl, h, W, y, t, c, m, ls, ent, g, e, need_dh, need_dW):
     """Recompute z per row block; dW accumulated in place (addmm_, in the GEMM dtype) so no [V,d]
-    temporaries."""
-    gdt, cdt, rows = _plan(impl, h, W)
+    temporaries. c > 0: soft-capped logits (module docstring)."""
+    gdt, cdt, rows = _plan(impl, h, W, c)
     Wg, T = W.to(gdt), h.shape[0]
     dh = torch.empty(h.shape, dtype=cdt, device=h.device) if need_dh else None
     dW = torch.zeros(W.shape, dtype=gdt, device=h.device) if need_dW else None
     for a in range(0, T, rows):
         b = min(T, a + rows)
         hc, yc = h[a:b].to(gdt), y[a:b, None]
-        lp = torch.mm(hc, Wg.T).to(cdt).mul_(1.0 / t).sub_(m[a:b, None]).sub_(ls[a:b, None])  # log p
+        lp = torch.mm(hc, Wg.T).to(cdt)                                        # raw logits
+        th = None
+        if c:
+            th = lp.div_(c).tanh_()
+            lp = th * (c / t)
+        else:
+            lp.mul_(1.0 / t)
+        lp.sub_(m[a:b, None]).sub_(ls[a:b, None])                              # log p
         lpy = lp.gather(1, yc)                                                 # [r, 1]
         p = lp.exp()
         fix = torch.zeros_like(lpy)                # dL/dz at y, recomputed without cancellation
@@ -125,7 +153,11 @@ def _torch_backward(impl, h, W, y, t, m, ls, ent, g, e, need_dh, need_dW):
             lp.sub_(p.mul_(g[a:b, None]))
             fix -= g[a:b, None] * torch.expm1(lpy)
         del p
-        dz = lp.scatter_(1, yc, fix).mul_(1.0 / t).to(gdt)                     # dL/d(h.W) [r, V]
+        dz = lp.scatter_(1, yc, fix)                                           # dL/dz [r, V]
+        if th is not None:                                                     # dz/da = (1 - tanh^2) / t
+            dz.mul_(th.square_().neg_().add_(1.0))
+            del th
+        dz = dz.mul_(1.0 / t).to(gdt)                                          # dL/d(h.W) [r, V]
         if need_dh:
             dh[a:b] = (dz @ Wg).to(cdt)
         if need_dW:
@@ -159,9 +191,18 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _fwd_kernel(H, W, Y, PM, PS, PSZ, PZY, T, V, D, tiles_per_split, inv_t, stride_h, stride_w,
+    def _tanh(x):
+        """tanh through expm1 (the interpreter has no libdevice): no cancellation near 0, +-1 far out."""
+        em = _expm1(-2.0 * tl.abs(x))                                          # in (-1, 0]
+        r = -em / (2.0 + em)
+        return tl.where(x < 0, -r, r)
+
+    @triton.jit
+    def _fwd_kernel(H, W, Y, PM, PS, PSZ, PZY, T, V, D, tiles_per_split, inv_t, inv_c, c_t,
+                    stride_h, stride_w,
                     BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-                    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    SOFTCAP: tl.constexpr):
         """Program (row tile, vocab split): online (max, sumexp, sum e*(z-m), target logit) over its
         vocabulary tiles; partials go to P*[split, T] and are merged (deterministically) by the host."""
         pid_t, pid_s = tl.program_id(0), tl.program_id(1)
@@ -179,7 +220,11 @@ if HAS_TRITON:
             cmask = cols < V
             acc = _tile_logits(H, W, rows, cols, rmask, cmask, D, stride_h, stride_w,
                                BT, BV, BK, EVEN_K, UPCAST, PREC)
-            z = tl.where(cmask[None, :], acc * inv_t, float("-inf"))           # [BT, BV]
+            if SOFTCAP:                                                        # z = c tanh(a / c) / t
+                acc = _tanh(acc * inv_c) * c_t
+            else:
+                acc = acc * inv_t
+            z = tl.where(cmask[None, :], acc, float("-inf"))                   # [BT, BV]
             m_new = tl.maximum(m, tl.max(z, 1))
             alpha = tl.exp(m - m_new)
             zs = z - m_new[:, None]
@@ -195,11 +240,11 @@ if HAS_TRITON:
         tl.store(PZY + out, zy, mask=rmask)
 
     @triton.jit
-    def _dlogits_kernel(H, W, Y, MX, LS, ENT, G, GE, DZ, T, V, D, v0, Vc, inv_t,
+    def _dlogits_kernel(H, W, Y, MX, LS, ENT, G, GE, DZ, T, V, D, v0, Vc, inv_t, inv_c, c_t,
                         stride_h, stride_w, stride_dz,
                         BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, HAS_G: tl.constexpr,
                         HAS_E: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                        PREC: tl.constexpr):
+                        PREC: tl.constexpr, SOFTCAP: tl.constexpr):
         """DZ[rows, c] = dL/d(h.W)[rows, v0 + c] for c < Vc, recomputing the logits tile."""
         pid_t, pid_v = tl.program_id(0), tl.program_id(1)
         rows = pid_t * BT + tl.arange(0, BT)
@@ -210,7 +255,11 @@ if HAS_TRITON:
                            BT, BV, BK, EVEN_K, UPCAST, PREC)
         m = tl.load(MX + rows, mask=rmask, other=0.0)
         ls = tl.load(LS + rows, mask=rmask, other=0.0)
-        logp = (acc * inv_t - m[:, None]) - ls[:, None]                        # [BT, BV]
+        if SOFTCAP:
+            th = _tanh(acc * inv_c)
+            logp = (th * c_t - m[:, None]) - ls[:, None]                       # [BT, BV]
+        else:
+            logp = (acc * inv_t - m[:, None]) - ls[:, None]
         p = tl.exp(logp)
         dz = tl.zeros([BT, BV], dtype=tl.float32)
         if HAS_G:   # g (onehot - p); at the target g (1 - p) = -g expm1(logp): no cancellation
@@ -222,6 +271,8 @@ if HAS_TRITON:
             ent = tl.load(ENT + rows, mask=rmask, other=0.0)
             dz -= ge[:, None] * p * (logp + ent[:, None])
         dp = DZ + rows.to(tl.int64)[:, None] * stride_dz + lc[None, :]
+        if SOFTCAP:                                                            # dz/da = (1 - tanh^2) / t
+            dz = dz * (1.0 - th * th)
         tl.store(dp, (dz * inv_t).to(DZ.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
@@ -243,7 +294,7 @@ def _kernel_args(h):
     return cfg, dict(UPCAST=upcast, PREC=prec)
 
 
-def _triton_forward(h, W, y, t):
+def _triton_forward(h, W, y, t, cap):
     (T, D), V = h.shape, W.shape[0]
     cfg, flags = _kernel_args(h)
     c = cfg["fwd"]
@@ -254,17 +305,18 @@ def _triton_forward(h, W, y, t):
     n_s = triton.cdiv(n_v, per)                            # every split gets >= 1 tile
     part = torch.empty(4, n_s, T, dtype=torch.float32, device=h.device)
     _fwd_kernel[(n_t, n_s)](h, W, y, part[0], part[1], part[2], part[3], T, V, D, per, 1.0 / t,
-                            h.stride(0), W.stride(0), EVEN_K=D % c["BK"] == 0, **flags, **c)
+                            1.0 / cap if cap else 1.0, cap / t, h.stride(0), W.stride(0),
+                            EVEN_K=D % c["BK"] == 0, SOFTCAP=bool(cap), **flags, **c)
     pm, ps, psz, pzy = part                                # deterministic merge over splits
     m = pm.max(0).values
     a = torch.exp(pm - m)
     s = (a * ps).sum(0)
     sz = (a * (psz + (pm - m) * ps)).sum(0)
     ls = torch.log(s)
-    return m, ls, (pzy.sum(0) - m) - ls, ls - sz / s, None
+    return m, ls, (pzy.sum(0) - m) - ls, ls - sz / s, None, None
 
 
-def _triton_backward(h, W, y, t, m, ls, ent, g, e, need_dh, need_dW):
+def _triton_backward(h, W, y, t, cap, m, ls, ent, g, e, need_dh, need_dW):
     (T, D), V = h.shape, W.shape[0]
     cfg, flags = _kernel_args(h)
     c = cfg["bwd"]
@@ -277,9 +329,10 @@ def _triton_backward(h, W, y, t, m, ls, ent, g, e, need_dh, need_dW):
         dz = buf[:T * vc].view(T, vc)                      # contiguous: no padding for a GEMM to read
         grid = (triton.cdiv(T, c["BT"]), triton.cdiv(vc, c["BV"]))
         _dlogits_kernel[grid](h, W, y, m, ls, ent, g if g is not None else m, e if e is not None else m,
-                              dz, T, V, D, v0, vc, 1.0 / t, h.stride(0), W.stride(0), dz.stride(0),
+                              dz, T, V, D, v0, vc, 1.0 / t, 1.0 / cap if cap else 1.0, cap / t,
+                              h.stride(0), W.stride(0), dz.stride(0),
                               HAS_G=g is not None, HAS_E=e is not None, EVEN_K=D % c["BK"] == 0,
-                              **flags, **c)
+                              SOFTCAP=bool(cap), **flags, **c)
         if need_dW:
             torch.mm(dz.T, h, out=dW[v0:v0 + vc])         # each dW row written once (fp32 inside cuBLAS)
         if need_dh:
@@ -290,44 +343,46 @@ def _triton_backward(h, W, y, t, m, ls, ent, g, e, need_dh, need_dW):
 # ----------------------------------------------------------------------------- autograd
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, W, y, t, impl, want_q):
+    def forward(ctx, h, W, y, t, impl, want_q, c=0.0):
         # want_q: frozen head and no entropy output, so only g reaches the backward: the PyTorch paths
         # then accumulate q here and the backward makes no pass over W
         want_q = want_q and impl != "triton"
         if h.shape[0] == 0:
             m = ls = logp = ent = h.new_zeros(0, dtype=torch.promote_types(h.dtype, torch.float32))
             q = h.new_zeros(h.shape, dtype=m.dtype) if want_q else None
+            sy = m if want_q and c else None
         else:   # autocast off inside: the chunked matmuls must stay in the dtype chosen below
             with torch.autocast(h.device.type, enabled=False):
                 if impl == "triton":
-                    m, ls, logp, ent, q = _triton_forward(h, W, y, t)
+                    m, ls, logp, ent, q, sy = _triton_forward(h, W, y, t, c)
                 else:
-                    m, ls, logp, ent, q = _torch_forward(impl, h, W, y, t, want_q)
+                    m, ls, logp, ent, q, sy = _torch_forward(impl, h, W, y, t, c, want_q)
         logp, ent = logp.clamp_(max=0.0), ent.clamp_(min=0.0)   # rounding could nudge logp > 0 / H < 0
-        ctx.save_for_backward(h, W, y, m, ls, ent, logp, q)
-        ctx.t, ctx.impl = t, impl
+        ctx.save_for_backward(h, W, y, m, ls, ent, logp, q, sy)
+        ctx.t, ctx.impl, ctx.c = t, impl, c
         ctx.set_materialize_grads(False)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g, e):
-        h, W, y, m, ls, ent, logp, q = ctx.saved_tensors
+        h, W, y, m, ls, ent, logp, q, sy = ctx.saved_tensors
         need_dh, need_dW = ctx.needs_input_grad[:2]
         if (g is None and e is None) or h.shape[0] == 0:
             return (torch.zeros_like(h) if need_dh else None, torch.zeros_like(W) if need_dW else None,
-                    None, None, None, None)
+                    None, None, None, None, None)
         g = g.to(m.dtype).contiguous() if g is not None else None
         e = e.to(m.dtype).contiguous() if e is not None else None
-        if q is not None and e is None and not need_dW:   # dh = -g/t (expm1(logp_y) W_y + q)
-            dh = (g / -ctx.t)[:, None] * (torch.expm1(logp)[:, None] * W[y].to(q.dtype) + q)
-            return dh.to(h.dtype), None, None, None, None, None
+        if q is not None and e is None and not need_dW:   # dh = -g/t (expm1(logp_y) [1 - tanh_y^2] W_y + q)
+            ey = torch.expm1(logp) if sy is None else torch.expm1(logp) * sy
+            dh = (g / -ctx.t)[:, None] * (ey[:, None] * W[y].to(q.dtype) + q)
+            return dh.to(h.dtype), None, None, None, None, None, None
         with torch.autocast(h.device.type, enabled=False):
             if ctx.impl == "triton":
-                dh, dW = _triton_backward(h, W, y, ctx.t, m, ls, ent, g, e, need_dh, need_dW)
+                dh, dW = _triton_backward(h, W, y, ctx.t, ctx.c, m, ls, ent, g, e, need_dh, need_dW)
             else:
-                dh, dW = _torch_backward(ctx.impl, h, W, y, ctx.t, m, ls, ent, g, e, need_dh, need_dW)
+                dh, dW = _torch_backward(ctx.impl, h, W, y, ctx.t, ctx.c, m, ls, ent, g, e, need_dh, need_dW)
         return (None if dh is None else dh.to(h.dtype), None if dW is None else dW.to(W.dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- public function
@@ -344,17 +399,20 @@ def _check(hidden, weight, tokens, temperature, mask):
     return check_scale(fn, "temperature", temperature)
 
 
-def token_logprobs(hidden, weight, tokens, temperature=1.0, mask=None, return_entropy=False, impl="auto"):
+def token_logprobs(hidden, weight, tokens, temperature=1.0, mask=None, return_entropy=False, impl="auto",
+                   softcap=0.0):
     """log p(tokens) [...] fp32 (and entropy [...] when return_entropy) for hidden [..., d], weight
     [V, d], tokens [...] int64, mask bool [...] (False -> 0 and zero gradient, no compute).
-    Differentiable w.r.t. hidden and weight; tied embeddings just work (autograd sums the grads);
+    softcap c > 0: final-logit soft-capping (Gemma-2), logits c tanh(h.W / c) before the temperature;
+    0 = off. Differentiable w.r.t. hidden and weight; tied embeddings just work (autograd sums the grads);
     only the gradients asked for are computed (weight without grad: no dW work)."""
     t = _check(hidden, weight, tokens, temperature, mask)
+    c = check_scale("token_logprobs", "softcap", softcap) if softcap else 0.0   # finite and > 0; 0/None: off
     grads = grads_key(hidden, weight)
     impl = pick_impl(impl, hidden, weight, op="logprob", grads=grads)
     if impl == "reference":
         check_ids("token_logprobs", ("tokens", tokens if mask is None else tokens[mask.bool()], weight.shape[0]))
-        return token_logprobs_reference(hidden, weight, tokens, t, mask, return_entropy)
+        return token_logprobs_reference(hidden, weight, tokens, t, mask, return_entropy, c)
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):                      # like nn.Linear under autocast: the head
         dt = torch.get_autocast_dtype(dev)                  # GEMMs run in bf16/fp16, grads flow back
@@ -372,7 +430,7 @@ def token_logprobs(hidden, weight, tokens, temperature=1.0, mask=None, return_en
         idx = mask.reshape(-1).nonzero().squeeze(1)
         h, y = h.index_select(0, idx), y.index_select(0, idx)
     check_ids("token_logprobs", ("tokens", y, W.shape[0]))
-    logp, ent = _TokenLogprobs.apply(h, W, y.contiguous(), t, impl, grads == "dX" and not return_entropy)
+    logp, ent = _TokenLogprobs.apply(h, W, y.contiguous(), t, impl, grads == "dX" and not return_entropy, c)
     if idx is not None:
         n = shape.numel()
         logp = logp.new_zeros(n).index_copy(0, idx, logp)

@@ -29,7 +29,8 @@ SMALL = ["--dataset", "synthetic", "--synthetic-users", "150", "--synthetic-item
          "--prompt-history", "3", "--tiny-layers", "1", "--tiny-hidden", "32", "--tiny-heads", "2",
          "--max-new-tokens", "2", "--num-generations", "2", "--batch-size", "8", "--micro-batch-size", "4",
          "--val-samples", "60", "--eval-batch-size", "64", "--time-budget", "0", "--device", "cpu", "--quiet",
-         "--max-steps", "2", "--eval-every", "0", "--no-test", "--kernels", "torch", "--log-every", "1000"]
+         "--max-steps", "2", "--eval-every", "0", "--no-test", "--kernels", "torch", "--log-every", "1000",
+         "--pretrain-steps", "0", "--item-warmup", "0", "--kl-beta", "0", "--temperature", "2.0"]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ SMALL = ["--dataset", "synthetic", "--synthetic-users", "150", "--synthetic-item
          "--prompt-history", "3", "--tiny-layers", "1", "--tiny-hidden", "32", "--tiny-heads", "2",
          "--max-new-tokens", "2", "--num-generations", "2", "--batch-size", "8",
          "--micro-batch-size", "4", "--val-samples", "60", "--eval-batch-size", "64", "--time-budget", "0",
-         "--device", "cpu", "--quiet", "--log-every", "1000", "--train-recent", "0"]
+         "--device", "cpu", "--quiet", "--log-every", "1000", "--train-recent", "0", "--pretrain-steps", "0",
+         "--item-warmup", "0", "--kl-beta", "0", "--temperature", "2.0"]
 
 
 def run(tmp_path, *extra, name="run"):
@@ -144,6 +145,12 @@ def test_resume_continues_exactly_and_checkpoint_reevaluates(tmp_path):
     trained = [ln for ln in full["table"].splitlines() if ln.startswith("| R2ec")][0]
     assert row.split("|")[2:] == trained.split("|")[2:]
     assert "[eval] synthetic | split=test" in p.stdout and "latency:" in p.stdout
+    # --samples: a fixed seeded subset, said in the header, scored like evaluate_model on those samples
+    m_sub, _, rows = ev.evaluate_checkpoint(str(tmp_path / "full" / "best"), ds, "test", "cpu", samples=40, seed=3,
+                                            verbose=False)
+    idx = ev.subset_idx(len(ds.test), 40, 3)
+    assert len(idx) == 40 and m_sub == ev.evaluate_model(rb, ds, "test", saved, idx, verbose=False)[0]
+    assert "popularity (same subset)" in rows and "SASRec" not in rows
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -227,3 +234,51 @@ def test_trl_metric_names_report_to_and_plot(tmp_path, capsys):
     with pytest.raises(SystemExit) as ex:
         ev.main(["--plot", str(tmp_path / "nothing-here")])
     assert ex.value.code == 2
+
+
+def test_one_pass_ratio_is_one_and_logp_temperature(tmp_path):
+    """--num-iterations 1: pi_old is the update's own log-probs, so no token or item action is ever clipped
+    (the sampler's numbers never enter the ratio); --logp-temperature defaults to --temperature, can differ
+    from it, and changes the token loss (not the rollout)."""
+    a, cfg = run(tmp_path, "--max-steps", "3", "--eval-every", "0", "--no-test", "--temperature", "1.5",
+                 "--lr", "0.05", name="a")
+    assert cfg["logp_temperature"] == 1.5
+    for rec in a["log"]:
+        assert rec["clip_ratio/low_mean"] == rec["clip_ratio/high_mean"] == 0
+        assert rec["item_clip_low"] == rec["item_clip_high"] == 0
+    b, cfg_b = run(tmp_path, "--max-steps", "1", "--eval-every", "0", "--no-test", "--temperature", "1.5",
+                   "--lr", "0.05", "--logp-temperature", "0.7", name="b")
+    assert cfg_b["logp_temperature"] == 0.7
+    assert b["log"][0]["completions/mean_length"] == a["log"][0]["completions/mean_length"]
+    assert b["log"][0]["reward"] == a["log"][0]["reward"]
+    assert b["log"][0]["entropy"] != pytest.approx(a["log"][0]["entropy"])
+
+
+def test_fit_threads_gives_way_to_a_busy_core(monkeypatch):
+    """model.fit_threads: another process busy on one of 2 cores -> 1 torch thread; idle again -> 2 again; never
+    above the threads torch started with; a no-op for CUDA devices. /proc/stat, the clock and os.times are faked."""
+    import io
+    clock, busy, ours = [1000.0], [0], [0.0]
+    monkeypatch.setattr(M, "open", lambda path, *a, **k: io.StringIO(
+        f"cpu  {busy[0]} 0 0 99999 0 0 0 0 0 0\ncpu0 0 0 0 0\ncpu1 0 0 0 0\n"), raising=False)
+    monkeypatch.setattr(M.time, "time", lambda: clock[0])
+    monkeypatch.setattr(M.os, "times", lambda: type("T", (), {"user": ours[0], "system": 0.0})())
+    monkeypatch.setattr(M.os, "sysconf", lambda name: 100)
+    monkeypatch.setattr(M, "_THREADS", {"on": True, "cpus": 2, "max": 2, "last": None})
+    n0 = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        M.fit_threads("cpu")                                   # first call: the window starts
+        clock[0], busy[0], ours[0] = 1002.0, 400, 2.0          # 2 s: 4 core-seconds busy, 2 of them ours
+        assert M.fit_threads("cpu") == 1
+        clock[0], busy[0], ours[0] = 1002.5, 900, 2.5          # inside the window: no new decision
+        assert M.fit_threads("cpu") == 1
+        clock[0], busy[0], ours[0] = 1004.0, 600, 4.0          # the other process is gone
+        assert M.fit_threads("cpu") == 2
+        M._THREADS["max"] = 1                                   # OMP_NUM_THREADS=1 at start: never more
+        clock[0], busy[0], ours[0] = 1006.0, 800, 6.0
+        assert M.fit_threads("cpu") == 1
+        torch.set_num_threads(2)
+        assert M.fit_threads("cuda:0") == 2                     # CUDA runs: untouched
+    finally:
+        torch.set_num_threads(n0)

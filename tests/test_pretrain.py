@@ -1,0 +1,98 @@
+"""The LM stage before RecPO (model.lm_stage, train.py --pretrain-steps): what its corpus holds (train split only:
+no valid or test target leaks in), that it learns, and that train.py runs, records and skips it."""
+import csv
+import json
+import os
+
+import numpy as np
+import torch
+
+import data
+import model as M
+import train as T
+from test_train import SMALL, run
+
+
+def leaky_world(d):
+    """30 users: 8 early interactions each over 20 shared items, then 2 late ones on items of their own whose
+    titles are unique strings. The temporal split puts the late ones in valid/test (most of them)."""
+    rows, items = [], [(f"c{k}", f"Common film {k} (1990)", "Genres: Drama.") for k in range(20)]
+    rng = np.random.default_rng(0)
+    for u in range(30):
+        for j, k in enumerate(rng.choice(20, 8, replace=False)):
+            rows.append((f"u{u}", f"c{k}", 1000 + 100 * j + u))
+        for j, s in enumerate("ab"):
+            items.append((f"s{u}{s}", f"Qz{u:02d}{s}vault (1999)", f"Genres: Qzgenre{u:02d}{s}."))
+            rows.append((f"u{u}", f"s{u}{s}", 10 ** 6 + 1000 * j + u))
+    os.makedirs(d, exist_ok=True)
+    for name, head, body in (("interactions.csv", ["user", "item", "timestamp"], rows),
+                             ("items.csv", ["item", "title", "description"], items)):
+        with open(os.path.join(d, name), "w", newline="") as f:
+            csv.writer(f).writerows([head] + list(body))
+    return f"csv:{d}"
+
+
+def test_lm_corpus_has_no_valid_or_test_target(tmp_path):
+    """Every LM-stage document of the whole train split, decoded: no title or description of an item that is a
+    valid/test target and absent from the train split appears; the train targets' titles do (the check bites)."""
+    ds = data.load_dataset(leaky_world(str(tmp_path / "w")), history=8, verbose=False)
+    cfg = T.resolve_config(SMALL + ["--dataset", f"csv:{tmp_path / 'w'}", "--out", str(tmp_path / "o")])
+    r, _, _ = T.build(cfg, ds, verbose=False)
+    seen = set(ds.train.target.tolist()) | set(ds.train.hist.ravel().tolist())
+    held = {int(i) for s in (ds.valid, ds.test) for i in s.target} - seen
+    assert len(held) >= 40   # most late items are held-out targets: the test is not vacuous
+    docs, plens = r.lm_documents(ds.train, np.arange(len(ds.train)), cfg["prompt_history"])
+    text = "\n".join(r.tok.decode(d) for d in docs)
+    for i in held:
+        it = ds.items[i]
+        assert it["title"] not in text and it["description"].split()[-1] not in text, it
+    for i in set(ds.train.target.tolist()):   # positive control: train targets are what the reasoning learns
+        assert f"Next: {ds.items[i]['title']}" in text
+    # each document: its sample's prompt, then the next item's text and the anchor
+    k = len(ds.train) - 1
+    assert docs[k][:plens[k]] == r.split_prompt_ids(ds.train, [k], cfg["prompt_history"])[0]
+    assert r.tok.decode(docs[k][plens[k]:]) == r.next_item_text(ds.train.target[k]) + M.ANCHOR
+
+
+def test_lm_stage_learns_the_next_item_text(tmp_path):
+    """150 LM steps on the synthetic world lower the next-token loss of unseen train documents well below the
+    untrained model's, and greedy reasoning then writes the corpus's form ('... Next: <title>') up to the anchor."""
+    cfg = T.resolve_config(SMALL + ["--out", str(tmp_path / "o"), "--pretrain-steps", "150", "--tiny-hidden", "64",
+                                   "--kernels", "torch", "--batch-size", "16"])
+    ds = data.load_dataset("synthetic", history=8, num_users=150, num_items=80, verbose=False)
+    torch.manual_seed(0)
+    r, params, _ = T.build(cfg, ds, verbose=False)
+    probe = np.arange(len(ds.train))[-16:]   # the stage samples with another seed; these are mostly unseen
+    docs, plens = r.lm_documents(ds.train, probe, cfg["prompt_history"])
+    with torch.no_grad():
+        before = r.lm_loss(docs, plens).item()
+    st = M.lm_stage(r, params, ds.train, cfg)
+    with torch.no_grad():
+        after = r.lm_loss(docs, plens).item()
+    assert st["steps"] == 150 and np.isfinite(st["loss"])
+    assert after < 0.6 * before, (before, after)
+    r.model.eval()
+    ro, _ = r.decode(r.split_prompt_ids(ds.test, np.arange(8), cfg["prompt_history"]), greedy=True,
+                     max_new_tokens=40)
+    texts = r.decode_completions(ro)
+    assert sum(t.endswith(M.ANCHOR) and "Next: " in t for t in texts) >= 6, texts
+
+
+def test_train_runs_records_and_skips_the_stage(tmp_path):
+    """--pretrain-steps N: the stage runs before RecPO, logs its loss, is kept in the checkpoint's state;
+    --pretrain-steps 0 skips it; a resumed run does not run it again; --item-warmup N: N steps without reasoning."""
+    res, cfg = run(tmp_path, "--pretrain-steps", "6", "--max-steps", "2", "--eval-every", "0", "--kernels", "torch",
+                   "--item-warmup", "1", name="a")
+    # --item-warmup 1: the first RecPO step has no reasoning (G = 1), the second the G chains
+    assert res["log"][0]["completions/mean_length"] == 0 < res["log"][1]["completions/mean_length"]
+    recs = [json.loads(x) for x in open(os.path.join(cfg["out"], "log.jsonl"))]
+    st = [x for x in recs if "seconds" in x and "loss" in x]
+    assert len(st) == 1 and st[0]["steps"] == 6 and np.isfinite(st[0]["loss"])
+    saved = M.load_train_state(os.path.join(cfg["out"], "last"))
+    assert saved["state"]["pretrain"]["steps"] == 6
+    res2, cfg2 = run(tmp_path, "--resume", os.path.join(cfg["out"], "last"), "--max-steps", "3", name="a")
+    recs2 = [json.loads(x) for x in open(os.path.join(cfg["out"], "log.jsonl"))][len(recs):]
+    assert res2["steps"] == 3 and not any("seconds" in x and "loss" in x for x in recs2)
+    _, cfg0 = run(tmp_path, "--pretrain-steps", "0", "--max-steps", "1", "--eval-every", "0", name="b")
+    assert not any("lm_step" in x or "loss" in x and "seconds" in x
+                   for x in map(json.loads, open(os.path.join(cfg0["out"], "log.jsonl"))))
