@@ -58,7 +58,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import UserError, all_reduce, barrier, is_main, rank, world
+from data import (UserError, all_reduce, all_reduce_grads, barrier, fsync_dir, is_main, rank, rank_slice,
+                  train_indices, world)
 from kernels.logprobs import token_logprobs
 
 ANCHOR = "<answer>"
@@ -979,7 +980,6 @@ class R2ec:
 # process can read the checkpoint right after (the output folder must be shared by all the nodes).
 
 def _fsync_tree(d):
-    from data import fsync_dir
     for f in os.listdir(d):
         with open(os.path.join(d, f), "rb") as fh:
             os.fsync(fh.fileno())
@@ -1011,7 +1011,6 @@ def save_checkpoint(path, r2ec, run_config, train_state=None):
 
 def _write_checkpoint(path, r2ec, run_config, train_state):
     from safetensors.torch import save_file
-    from data import fsync_dir
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
@@ -1157,7 +1156,6 @@ def lm_stage(r, params, split, cfg, seconds=0.0, log=None):
     steps the stage will run (sized after 10 steps when `seconds` caps it); stops after `seconds` (0 = no cap).
     Under torchrun each process takes its share of the batch; gradients are averaged.
     -> {steps, loss (mean of the last 20 steps), seconds}."""
-    from data import all_reduce_grads, rank_slice, train_indices
     steps, lr, B = cfg["pretrain_steps"], cfg["pretrain_lr"], cfg["batch_size"]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     t0, losses, horizon = time.time(), [], steps
