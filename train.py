@@ -72,7 +72,7 @@ def get_parser():
     a("--lora-dropout", type=U, default=0.0, help="LoRA dropout")
     a("--tau", type=F, default=0.02, help="cosine temperature of the item head, s = cos/tau [paper: 0.02]")
     # the LM stage before RecPO (model.lm_stage): a from-scratch backbone learns the data's language
-    a("--pretrain-steps", type=I0, help=f"LM-stage steps, 0 = skip [paper: 0; cpu: 2000, <= {PRETRAIN_SHARE:.0%} of budget]")
+    a("--pretrain-steps", type=I0, help=f"LM-stage steps, 0 = skip [paper: 0; cpu: 2000, <= {PRETRAIN_SHARE * 100:.0f}%% of budget]")
     a("--pretrain-lr", type=F, default=3e-3, help="LM stage: AdamW peak LR")
     a("--item-warmup", type=I0, default=0, help="first N RecPO steps w/o reasoning (G = 1, item loss only)")
     # rollouts

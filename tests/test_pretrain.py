@@ -32,9 +32,10 @@ def leaky_world(d):
     return f"csv:{d}"
 
 
-def test_lm_corpus_has_no_valid_or_test_target(tmp_path):
+def test_lm_corpus_has_no_valid_or_test_target(tmp_path, monkeypatch):
     """Every LM-stage document of the whole train split, decoded: no title or description of an item that is a
     valid/test target and absent from the train split appears; the train targets' titles do (the check bites)."""
+    monkeypatch.setenv("R2EC_DATA_ROOT", str(tmp_path / "data"))   # the world's cache stays out of data/
     ds = data.load_dataset(leaky_world(str(tmp_path / "w")), history=8, verbose=False)
     cfg = T.resolve_config(SMALL + ["--dataset", f"csv:{tmp_path / 'w'}", "--out", str(tmp_path / "o")])
     r, _, _ = T.build(cfg, ds, verbose=False)

@@ -624,3 +624,12 @@ def test_model_cli_bad_flag(env, capsys, monkeypatch, flags, frags):
     monkeypatch.setenv("R2EC_DATA_ROOT", str(root))
     refused(M.main, ["--dataset", "synthetic", *flags], capsys, frags, env["watch"])
     assert not root.exists()
+
+
+@pytest.mark.parametrize("main", [T.main, ev.main, B.main, data.main, M.main], ids=["train", "eval", "baselines",
+                                                                                   "data", "model"])
+def test_help_prints_and_exits_0(main, capsys):
+    """--help renders every flag's help string (a stray '%' in one made argparse crash)."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
