@@ -388,7 +388,13 @@ class LoRALinear(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
-        delta = (self.drop(x).to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T   # [..., out]
+        A, B, W = self.lora_A, self.lora_B, self.base.weight
+        if self.drop.p == 0 and x.dtype == A.dtype == W.dtype:   # fp32 (CPU): no extra passes over [T, out]
+            if not torch.is_grad_enabled():                      # rollout, evaluation: one GEMM, adapter folded in
+                return F.linear(x, W + self.scale * (B @ A), self.base.bias)
+            y = self.base(x)                                     # training: the low-rank term added inside the GEMM
+            return torch.addmm(y.flatten(0, -2), x.flatten(0, -2) @ A.T, (self.scale * B).T).view_as(y)
+        delta = (self.drop(x).to(A.dtype) @ A.T) @ B.T                                  # [..., out]
         return self.base(x) + (delta * self.scale).to(x.dtype)
 
     def merged_weight(self):
@@ -582,7 +588,7 @@ class R2ec:
         self.stop_ids = {int(e) for e in eos if e is not None}
         self._cache_kw = "cache" if "cache" in inspect.signature(self.backbone.forward).parameters \
             else "past_key_values"   # transformers >= 5.2x renamed the argument
-        self._item_ids, self._closes, self._item_prefix = {}, None, None
+        self._item_ids, self._closes, self._item_prefix, self._user_prefix = {}, None, None, None
         self.item_map = None   # [(raw_id, title)] for ids 1..N when loaded from a checkpoint
         self.table = ItemTable(dataset.num_items, model.config.hidden_size, self.device) if dataset else None
         # Gemma-2 final-logit soft-capping: logits c tanh(h.W / c), in .logits and every token_logprobs call
@@ -683,6 +689,18 @@ class R2ec:
         return self.user_prompt_ids(split.hist[idx][:, h], split.hist_rating[idx][:, h], split.hist_time[idx][:, h],
                                     split.time[idx])
 
+    def user_prefix(self):
+        """The tokens every user prompt starts with (chat template + instruction, up to the history), found by
+        rendering two different histories; a property of the template, never of a batch. [] without a dataset."""
+        if self._user_prefix is None:
+            a, b = (self._encode(self.chat(user_instruction(self.dataset.domain) + t)) if self.dataset else []
+                    for t in ("0", "Z"))
+            k = 0
+            while k < min(len(a), len(b)) and a[k] == b[k]:
+                k += 1
+            self._user_prefix = a[:max(k - 1, 0)]   # one token back: a merge at the boundary never splits it
+        return self._user_prefix
+
     # ---- LM head: reasoning, decoded in one cached pass that also yields h_T ----
     def _closes_anchor(self):
         """Bool [V]: tokens whose text holds the anchor's last char; only then is the tail decoded."""
@@ -719,7 +737,8 @@ class R2ec:
     def decode(self, prompts, G=1, greedy=True, temperature=1.0, top_k=0, max_new_tokens=640, seed=0, first=0):
         """Reasoning for B prompts (G chains each, group members adjacent) and h_T, in ONE cached pass.
 
-        The prompts are encoded once and their KV cache repeated G times. Each step samples (or argmaxes)
+        The prompts are encoded once (the template prefix they share once for all) and their KV cache
+        repeated G times. Each step samples (or argmaxes)
         one token per row and feeds it; a row that stopped feeds nothing more (mask 0, so no later query
         sees it). Rows that wrote the anchor keep the hidden state at its last token as h_T; rows cut off at
         max_new_tokens (or ending their turn: the end-of-turn token is dropped) get the anchor fed at the
@@ -732,9 +751,15 @@ class R2ec:
         (reasoning + anchor), sampled_mask [N,L] bool (tokens actually sampled), old_logp [N,L] fp32
         (log-prob of each sampled token under softmax(logits / temperature), untruncated by top-k, i.e.
         what forward_both recomputes; 0 elsewhere), lengths [N], cut [N] bool, prompt_len int."""
-        ids, mask = self.pad_left(prompts)                                             # [B, P]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = new_cache(self.model)
+        cache, pre = new_cache(self.model), self.user_prefix()
+        k = len(pre) if pre and all(len(p) > len(pre) and p[:len(pre)] == pre for p in prompts) else 0
+        if k:   # the template every user prompt starts with runs once; its KV cache is shared by the rows
+            one = torch.ones(1, k, dtype=torch.long, device=self.device)
+            self.hidden(torch.tensor([pre], device=self.device), one, torch.arange(k, device=self.device)[None], cache)
+            cache.batch_repeat_interleave(len(prompts))
+        ids, mask = self.pad_left([p[k:] for p in prompts])                            # [B, P - k]
+        pos = k + (mask.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.cat([mask.new_ones(len(prompts), k), mask], 1)                    # [B, P]
         h = self.hidden(ids, mask, pos, cache)[:, -1]                                  # [B, d]
         if G > 1:
             cache.batch_repeat_interleave(G)
