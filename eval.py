@@ -286,11 +286,18 @@ def evaluate_checkpoint(path, ds, split_name, device, batch_size=None, name=None
     return m, tm, rows
 
 
+def examples_line(tm):
+    """The greedy reasoning of the split's first samples, as the model wrote it (this process's, under torchrun)."""
+    ex = tm.get("examples") or {}
+    return "".join(f"\n  reasoning, sample {i}: {ex[i]!r}" for i in sorted(ex))
+
+
 def latency_line(tm):
     return (f"latency: reasoning + h_T (greedy, one cached pass) {1000 * tm['decode_s'] / tm['n']:.2f} ms/user, "
             f"full-catalog scoring {1000 * tm['rank_s'] / tm['n']:.3f} ms/user "
             f"({tm['gen_tokens'] / tm['n']:.1f} reasoning tokens/user"
-            + (f", {1 - tm.get('cut', 0) / tm['n']:.1%} wrote <answer> before the cap)" if tm["gen_tokens"] else ")"))
+            + (f", {1 - tm.get('cut', 0) / tm['n']:.1%} wrote <answer> before the cap)" if tm["gen_tokens"] else ")")
+            + examples_line(tm))
 
 
 def find_items(spec, ds):

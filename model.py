@@ -973,7 +973,8 @@ class R2ec:
         self.model.eval()
         order = np.argsort([-len(p) for p in prompts], kind="stable")
         H = torch.zeros(len(prompts), self.model.config.hidden_size)
-        tm = {"decode_s": 0.0, "gen_tokens": 0, "cut": 0}   # cut: rows that never wrote the anchor themselves
+        tm = {"decode_s": 0.0, "gen_tokens": 0, "cut": 0,   # cut: rows that never wrote the anchor themselves
+              "examples": {}}                              # the greedy reasoning of prompts 0 and 1, for the log
         starts = range(0, len(order), batch_size)
         for s in tqdm(starts[rank()::world()] if shard else starts, desc=desc, disable=not progress, leave=False,
                       unit="batch"):
@@ -981,13 +982,16 @@ class R2ec:
             with autocast(self.device):
                 ro, h = self.decode([prompts[i] for i in b], greedy=True, max_new_tokens=max_new_tokens)
             H[torch.from_numpy(b)] = h.cpu()
+            for j in np.flatnonzero(b < 2):
+                row, P = ro["input_ids"][j], ro["prompt_len"]
+                tm["examples"][int(b[j])] = self.tok.decode(row[P:P + int(ro["lengths"][j])].tolist())
             tm["decode_s"] += time.time() - t0
             tm["gen_tokens"] += int(ro["sampled_mask"].sum())
             tm["cut"] += int(ro["cut"].sum()) if max_new_tokens else 0
         if shard and world() > 1:   # the wall time is the slowest process's
             H = all_reduce(H.to(self.device)).cpu()
             tm = {**all_reduce({"gen_tokens": tm["gen_tokens"], "cut": tm["cut"]}),
-                  **all_reduce({"decode_s": tm["decode_s"]}, "max")}
+                  **all_reduce({"decode_s": tm["decode_s"]}, "max"), "examples": tm["examples"]}
         self.model.train(was)
         return H, tm
 

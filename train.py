@@ -427,7 +427,7 @@ def run_eval(r, ds, cfg, val_idx, opt, step, state, log, params):
     if better:
         state.update(best=m["ndcg@10"], best_step=step)
     log(rec, f"eval step {step}: " + " ".join(f"val/{k} {v:.4f}" for k, v in m.items())
-        + f" | {time.time() - t0:.0f}s" + (" | new best" if better else ""))
+        + f" | {time.time() - t0:.0f}s" + (" | new best" if better else "") + ev.examples_line(tm))
     if better:
         state.update(best_dir=os.path.abspath(os.path.join(cfg["out"], "best")), best_step=step)
         save("best", r, cfg, opt, step, state)

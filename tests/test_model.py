@@ -253,6 +253,10 @@ def test_greedy_deterministic_and_batch_free(built, device):
     lp_solo, lp_batch = solo["old_logp"][0, solo["prompt_len"]:], x["old_logp"][2, x["prompt_len"]:]
     torch.testing.assert_close(lp_solo, lp_batch[:len(lp_solo)], atol=1e-5, rtol=1e-5)
     assert (x["old_logp"][0] - x["old_logp"][2]).abs().max() > 1e-4
+    pre = r.user_prefix()                                            # the template prefix decode runs once
+    assert len(pre) > 5 and all(p[:len(pre)] == pre for p in prompts)
+    _, tm = r.encode_users(prompts, 8, batch_size=2)                 # its log examples: prompts 0 and 1
+    assert tm["examples"] == {0: r.decode_completions(x)[0], 1: r.decode_completions(x)[1]}
 
 
 def test_sampling_reproducible_from_seed(built, device):
