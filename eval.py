@@ -361,11 +361,14 @@ def final_cost(state, n_test, cfg, share):
     """Seconds to reserve for the final test pass: its estimate from the measured valid pass, but never more
     than (1 - share) of the budget: training always gets its share, and a slow machine is reported."""
     ev_ = [e for e in state["evals"] if "eval_n" in e]
-    est = 0 if cfg["no_test"] or not ev_ else 1.15 * ev_[-1]["eval_s"] / ev_[-1]["eval_n"] * n_test + 15
+    n_test = min(n_test, cfg.get("test_samples") or n_test)    # --test-samples: that subset only
+    # the test pass re-scores the saved item table: a valid pass's reasoning and ranking, not its table refresh
+    per = ev_ and (ev_[-1].get("eval_decode_s", ev_[-1]["eval_s"]) + ev_[-1].get("eval_rank_s", 0)) / ev_[-1]["eval_n"]
+    est = 0 if cfg["no_test"] or not ev_ else 1.15 * per * n_test + 15
     cap = (1 - share) * cfg["time_budget"] * 60
     if est > cap and not state.get("slow_warned"):
         state["slow_warned"] = True
-        tqdm.write(f"warning: this machine is slower than expected: the full test pass is estimated at {est:.0f}s, "
+        tqdm.write(f"warning: this machine is slower than expected: the test pass is estimated at {est:.0f}s, "
                    f"over the {cap:.0f}s the budget leaves it; training keeps {share:.0%} of the budget and "
                    f"the run will end about {est - cap:.0f}s late")
     return min(est, cap)

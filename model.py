@@ -63,7 +63,8 @@ from data import (UserError, all_reduce, all_reduce_grads, barrier, fsync_dir, i
 from kernels.logprobs import token_logprobs
 
 ANCHOR = "<answer>"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",   # Llama, Qwen2, Gemma
+                "qkv_proj", "gate_up_proj")                                                  # Phi-3
 TINY_DEFAULTS = dict(layers=2, heads=4, kv_heads=2, hidden=128, intermediate=352, vocab=4096,
                      max_position=2048, seed=0)
 TOKENIZER_VERSION = 1
@@ -378,12 +379,14 @@ def build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None
 # LoRA (hand-written): W x + (alpha / r) B A dropout(x), A kaiming, B zeros -> starts as the base model
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r, alpha, dropout=0.0):
+    def __init__(self, base, r, alpha, dropout=0.0):
         super().__init__()
         self.base, self.scale = base, alpha / r
+        self.conv1d = not isinstance(base, nn.Linear)   # GPT-2's Conv1D: weight [in, out], y = x W + b
+        n_in, n_out = base.weight.shape[::-1] if not self.conv1d else base.weight.shape
         # adapter kept in fp32 even on a bf16 backbone: tiny, and the optimizer needs the precision
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        self.lora_A = nn.Parameter(torch.empty(r, n_in, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, r, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.drop = nn.Dropout(dropout)
 
@@ -391,32 +394,40 @@ class LoRALinear(nn.Module):
         A, B, W = self.lora_A, self.lora_B, self.base.weight
         if self.drop.p == 0 and x.dtype == A.dtype == W.dtype:   # fp32 (CPU): no extra passes over [T, out]
             if not torch.is_grad_enabled():                      # rollout, evaluation: one GEMM, adapter folded in
-                return F.linear(x, W + self.scale * (B @ A), self.base.bias)
+                return F.linear(x, (W.T if self.conv1d else W) + self.scale * (B @ A), self.base.bias)
             y = self.base(x)                                     # training: the low-rank term added inside the GEMM
             return torch.addmm(y.flatten(0, -2), x.flatten(0, -2) @ A.T, (self.scale * B).T).view_as(y)
         delta = (self.drop(x).to(A.dtype) @ A.T) @ B.T                                  # [..., out]
         return self.base(x) + (delta * self.scale).to(x.dtype)
 
     def merged_weight(self):
-        w = self.base.weight
-        return (w.float() + self.scale * (self.lora_B @ self.lora_A)).to(w.dtype)
+        w, d = self.base.weight, self.scale * (self.lora_B @ self.lora_A)                # d [out, in]
+        return (w.float() + (d.T if self.conv1d else d)).to(w.dtype)                     # in the base's layout
+
+
+def lora_layers(model, targets=LORA_TARGETS):
+    """(parent, name, layer) of the projections LoRA wraps: the Llama-style names when the model has them;
+    otherwise (GPT-2's Conv1D c_attn, Falcon's query_key_value, ...) every linear layer of the decoder blocks."""
+    found = [(m, n, c) for m in model.modules() for n, c in m.named_children() if n in targets
+             and isinstance(c, nn.Linear)]
+    head = model.get_output_embeddings()
+    return found or [(m, n, c) for m in model.modules() for n, c in m.named_children() if c is not head
+                     and (isinstance(c, nn.Linear) or type(c).__name__ == "Conv1D" and c.weight.dim() == 2)]
 
 
 def apply_lora(model, r, alpha=128.0, dropout=0.0, targets=LORA_TARGETS):
-    """Wrap target nn.Linear layers; freeze everything else. r=0: full fine-tuning (all params)."""
+    """Wrap the projections (lora_layers); freeze everything else. r=0: full fine-tuning (all params)."""
     if r <= 0:
         return [p for p in model.parameters() if p.requires_grad]
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
-    for name, mod in list(model.named_modules()):
-        for child, sub in list(mod.named_children()):
-            if child in targets and isinstance(sub, nn.Linear):
-                lora = LoRALinear(sub, r, alpha, dropout)
-                setattr(mod, child, lora)
-                wrapped += [lora.lora_A, lora.lora_B]
+    for mod, child, sub in lora_layers(model, targets):
+        lora = LoRALinear(sub, r, alpha, dropout)
+        setattr(mod, child, lora)
+        wrapped += [lora.lora_A, lora.lora_B]
     if not wrapped:
-        raise ModelError(f"--lora-r {r}: the model has none of the layers {', '.join(targets)}")
+        raise ModelError(f"--lora-r {r}: the model has no linear layer to adapt; use --lora-r 0 (full fine-tuning)")
     return wrapped
 
 
@@ -1045,7 +1056,14 @@ def _write_checkpoint(path, r2ec, run_config, train_state):
     os.makedirs(parent, exist_ok=True)
     new = os.path.join(parent, f".{name}.{time.time_ns()}")
     os.makedirs(new)
-    r2ec.model.save_pretrained(new, state_dict=merged_state_dict(r2ec.model))
+    from transformers.utils import logging as hf_logging
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()   # no "Writing model shards" bar at every save
+    try:
+        r2ec.model.save_pretrained(new, state_dict=merged_state_dict(r2ec.model))
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     r2ec.tok.save_pretrained(new)
     with open(os.path.join(new, "run_config.json"), "w") as f:
         json.dump(run_config, f, indent=1, default=str)

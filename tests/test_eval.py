@@ -196,3 +196,17 @@ def test_header_table_and_errors(capsys):
         ev.evaluate(ds, "test", lambda idx: torch.zeros(len(idx), 3), torch.zeros(25, 3), verbose=False)
     with pytest.raises(ev.EvalError, match="split"):
         ev.evaluate(ds, "dev", lambda idx: torch.zeros(len(idx), 3), E, verbose=False)
+
+
+def test_final_cost_counts_the_test_subset_and_not_the_table_refresh(capsys):
+    """The test-pass reserve: the last valid pass's reasoning + ranking per sample (its table refresh is not
+    repeated: the test re-scores the saved table) x the test samples (--test-samples when set), capped at the
+    budget's non-training share, with one warning when the cap binds."""
+    e = {"eval_n": 200, "eval_s": 138.0, "eval_decode_s": 80.0, "eval_rank_s": 1.0}
+    cfg = {"no_test": False, "test_samples": 1000, "time_budget": 30.0}
+    state = {"evals": [e]}
+    assert ev.final_cost(state, 9906, cfg, 0.6) == pytest.approx(1.15 * 81 / 200 * 1000 + 15)
+    assert "slow_warned" not in state
+    assert ev.final_cost(state, 9906, {**cfg, "test_samples": 0}, 0.6) == pytest.approx(0.4 * 30 * 60)
+    assert state["slow_warned"] and "slower than expected" in capsys.readouterr().out
+    assert ev.final_cost({"evals": [e]}, 9906, {**cfg, "no_test": True}, 0.6) == 0

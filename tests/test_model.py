@@ -343,6 +343,33 @@ def test_lora_linear_paths_agree():
     torch.testing.assert_close(lin(x), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_lora_on_gpt2_conv1d(built, tmp_path):
+    """An architecture without Llama-style names (GPT-2: Conv1D c_attn / c_proj / c_fc, weight [in, out]): LoRA
+    wraps every projection of its blocks, starts as the base model, and merges back in Conv1D's layout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    ds, _, tok, _ = built
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=24, n_layer=2, n_head=2, n_positions=512,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model, ref = GPT2LMHeadModel(cfg).eval(), GPT2LMHeadModel(cfg).eval()   # eval: no dropout
+    ref.load_state_dict(model.state_dict())
+    x = torch.tensor([M.R2ec(model, tok, ds).item_prompt_ids([1])[0]])
+    want = ref(input_ids=x).logits
+    params = M.apply_lora(model, r=2, alpha=4.0)
+    names = {n.rsplit(".", 2)[-2] for n, m in model.named_modules() if isinstance(m, M.LoRALinear) for n in [n + ".x"]}
+    assert names == {"c_attn", "c_proj", "c_fc"} and len(params) == 2 * 4 * 2
+    torch.testing.assert_close(model(input_ids=x).logits, want)   # B = 0: the base model
+    with torch.no_grad():
+        for p in params[1::2]:
+            p.normal_(0, 0.1)
+        fast = model(input_ids=x).logits                          # no grad: the folded Conv1D path
+    slow = model(input_ids=x).logits                              # grad: the addmm path
+    assert (slow - want).abs().max() > 1e-3
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-4, rtol=1e-4)
+    ref.load_state_dict(M.merged_state_dict(model))
+    torch.testing.assert_close(ref(input_ids=x).logits, slow, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_checkpoint_round_trip(built, tmp_path, lora):
     ds = built[0]

@@ -282,3 +282,24 @@ def test_fit_threads_gives_way_to_a_busy_core(monkeypatch):
         assert M.fit_threads("cuda:0") == 2                     # CUDA runs: untouched
     finally:
         torch.set_num_threads(n0)
+
+
+def test_unseen_architecture_trains_and_answers(small_model, tmp_path, capsys):
+    """A Hugging Face architecture the project has no code for (GPT-2: Conv1D projections, learned positions, no
+    chat template) goes through --init-from, a LoRA RecPO step and eval.py --history unchanged."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    tok = small_model[0].tok
+    torch.manual_seed(0)
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=1024,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(d)
+    tok.save_pretrained(d)
+    res, cfg = run(tmp_path, "--init-from", str(d), "--lora-r", "2", "--max-steps", "1", "--eval-every", "0",
+                   "--no-test")
+    step = res["log"][-1]
+    assert step["step"] == 1 and np.isfinite(step["grad_norm"]) and step["grad_norm"] > 0
+    capsys.readouterr()
+    ev.main(["--ckpt", os.path.join(cfg["out"], "last"), "--history", "1 | 2 | 3", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "reasoning" in out.lower() and out.count("\n") >= 10, out
