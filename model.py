@@ -969,6 +969,15 @@ class R2ec:
         lp = token_logprobs(h[:, :-1][m], self.lm_weight, ids[:, 1:][m], 1.0, impl=self.impl, softcap=self.softcap)
         return -lp.float().mean()
 
+    def item_ce(self, prompts, targets, negatives):
+        """Supervised item loss of the w/o-reasoning form (prompt, then the anchor; with grad): softmax
+        cross-entropy of each target [B] against the distinct targets + negatives [S], all encoded fresh."""
+        ids, mask = self.pad_left([p + list(self.anchor_ids) for p in prompts])
+        h = F.normalize(self.hidden(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))[:, -1].float(), dim=-1)   # [B, d]
+        cand = torch.unique(torch.cat([targets, negatives]))                           # [U] sorted
+        e = self.encode_items(cand.tolist(), grad=True).to(h.device)                  # [U, d]
+        return F.cross_entropy(h @ e.T / self.tau, torch.searchsorted(cand, targets).to(h.device))
+
     # ---- users: evaluation-time encoding ----
     @torch.no_grad()
     def encode_users(self, prompts, max_new_tokens=640, batch_size=256, progress=False, desc="encode users",
@@ -1201,11 +1210,14 @@ def lm_stage(r, params, split, cfg, seconds=0.0, log=None):
     next-token loss on lm_documents of `split` (train.py passes the TRAIN split), batch_size samples a step
     drawn by data.train_indices, linear warmup (20 steps) then cosine to 0.1 x cfg["pretrain_lr"] over the
     steps the stage will run (sized after 10 steps when `seconds` caps it); stops after `seconds` (0 = no cap).
+    cfg["pretrain_item_weight"] > 0 adds that x item_ce (the w/o-reasoning item loss, cfg["item_negatives"]
+    uniform negatives) on the same samples, so the stage trains the item head too.
     Under torchrun each process takes its share of the batch; gradients are averaged.
     -> {steps, loss (mean of the last 20 steps), seconds}."""
     steps, lr, B = cfg["pretrain_steps"], cfg["pretrain_lr"], cfg["batch_size"]
+    w_item, S, n_items = cfg.get("pretrain_item_weight", 0.0), cfg.get("item_negatives", 128), r.dataset.num_items
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    t0, losses, horizon = time.time(), [], steps
+    t0, losses, item_losses, horizon = time.time(), [], [], steps
     bar = tqdm(total=steps, desc="LM stage", disable=cfg["quiet"], unit="step")
     r.model.train()
     for s in range(steps):
@@ -1218,22 +1230,30 @@ def lm_stage(r, params, split, cfg, seconds=0.0, log=None):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (s + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
         idx = train_indices(s, B, len(split), cfg["seed"] + 7919)[rank_slice(B)]
-        docs, _ = r.lm_documents(split, idx, cfg["prompt_history"])
+        docs, plen = r.lm_documents(split, idx, cfg["prompt_history"])
         with autocast(r.device):
-            loss = r.lm_loss(docs)
+            loss = lm = r.lm_loss(docs)
+            if w_item:   # the item head learns here too: RecPO then starts from a trained one
+                neg = np.random.default_rng([cfg["seed"], 7919, s]).choice(n_items, min(S, n_items), replace=False)
+                item = r.item_ce([d[:n] for d, n in zip(docs, plen)], torch.as_tensor(split.target[idx]),
+                                 torch.from_numpy(neg + 1))
+                loss = lm + w_item * item
+                item_losses.append(item.item())
         loss.backward()
         all_reduce_grads(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(lm.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"item": f"{item_losses[-1]:.3f}"} if w_item else {}))
         if log and (s + 1) % 50 == 0:
-            log({"lm_step": s + 1, "lm_loss": float(np.mean(losses[-50:])), "learning_rate": opt.param_groups[0]["lr"]})
+            log({"lm_step": s + 1, "lm_loss": float(np.mean(losses[-50:])), "learning_rate": opt.param_groups[0]["lr"],
+                 **({"lm_item_loss": float(np.mean(item_losses[-50:]))} if w_item else {})})
     bar.close()
-    return {"steps": len(losses), "loss": float(np.mean(losses[-20:])) if losses else float("nan"),
-            "seconds": time.time() - t0}
+    mean = lambda x: float(np.mean(x[-20:])) if x else float("nan")
+    return {"steps": len(losses), "loss": mean(losses), "seconds": time.time() - t0,
+            **({"item_loss": mean(item_losses)} if w_item else {})}
 
 
 def param_groups(r, params, embed_lr_mult=1.0):

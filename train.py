@@ -31,7 +31,7 @@ PRESETS = {
                   micro_batch_size=4, embed_lr_mult=1.0, time_budget=0.0, pretrain_steps=0, temperature=2.0, kl_beta=0.0),
     "cpu": dict(prompt_history=8, max_new_tokens=32, val_samples=1000, train_recent=10000, item_loss="sampled",
                 micro_batch_size=32, embed_lr_mult=0.1, time_budget=10.0, pretrain_steps=2000, temperature=1.0,
-                kl_beta=0.1),
+                kl_beta=0.1, pretrain_item_weight=1.0),
 }
 LR = {"tiny": 2e-3, "hf": 1e-5}   # --lr default by backbone [paper: 1e-5]
 # what a resumed run may not change: it defines the data, the model or the meaning of a step
@@ -71,9 +71,9 @@ def get_parser():
     a("--lora-alpha", type=F, default=128.0, help="LoRA alpha [paper: 128]")
     a("--lora-dropout", type=U, default=0.0, help="LoRA dropout")
     a("--tau", type=F, default=0.02, help="cosine temperature of the item head, s = cos/tau [paper: 0.02]")
-    # the LM stage before RecPO (model.lm_stage): a from-scratch backbone learns the data's language
     a("--pretrain-steps", type=I0, help=f"LM-stage steps, 0 = skip [paper: 0; cpu: 2000, <= {PRETRAIN_SHARE * 100:.0f}%% of budget]")
     a("--pretrain-lr", type=F, default=3e-3, help="LM stage: AdamW peak LR")
+    a("--pretrain-item-weight", type=F0, default=0.0, help="LM stage: + w x item loss w/o reasoning [cpu: 1]")
     a("--item-warmup", type=I0, default=0, help="first N RecPO steps w/o reasoning (G = 1, item loss only)")
     # rollouts
     a("--num-generations", type=I, default=4, help="reasoning chains per user, G >= 2 [paper: 4]")
