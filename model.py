@@ -58,8 +58,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (UserError, all_reduce, all_reduce_grads, barrier, fsync_dir, is_main, rank, rank_slice,
+from data import (UserError, all_gather, all_reduce, all_reduce_grads, barrier, fsync_dir, is_main, rank, rank_slice,
                   train_indices, world)
+from kernels.catalog import catalog_loss
 from kernels.logprobs import token_logprobs
 
 ANCHOR = "<answer>"
@@ -969,14 +970,30 @@ class R2ec:
         lp = token_logprobs(h[:, :-1][m], self.lm_weight, ids[:, 1:][m], 1.0, impl=self.impl, softcap=self.softcap)
         return -lp.float().mean()
 
-    def item_ce(self, prompts, targets, negatives):
-        """Supervised item loss of the w/o-reasoning form (prompt, then the anchor; with grad): softmax
-        cross-entropy of each target [B] against the distinct targets + negatives [S], all encoded fresh."""
-        ids, mask = self.pad_left([p + list(self.anchor_ids) for p in prompts])
-        h = F.normalize(self.hidden(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))[:, -1].float(), dim=-1)   # [B, d]
+    def item_ce(self, prompts, targets, negatives, max_new_tokens=0, exclude=None):
+        """Supervised item loss (with grad) of each target [B]: h_T of the w/o-reasoning form (prompt, then the
+        anchor), or with max_new_tokens > 0 after the model's own greedy reasoning (decoded without grad, then one
+        forward). The distinct targets + negatives [S] are encoded fresh. exclude=None: softmax cross-entropy
+        over those. exclude [B, X] (history ids): over the whole cached table with those masked, the fresh rows
+        entering with the table's values and their own gradients (straight-through: no row is told apart by
+        being fresher than the others). -> (loss, cand ids, their fresh embeddings, detached)."""
+        if max_new_tokens:
+            with torch.no_grad():
+                ro, _ = self.decode(prompts, 1, greedy=True, max_new_tokens=max_new_tokens)
+            h = self.forward_both(ro, 1)[1]                                            # [B, d]
+        else:
+            ids, mask = self.pad_left([p + list(self.anchor_ids) for p in prompts])
+            h = F.normalize(self.hidden(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))[:, -1].float(), dim=-1)
         cand = torch.unique(torch.cat([targets, negatives]))                           # [U] sorted
         e = self.encode_items(cand.tolist(), grad=True).to(h.device)                  # [U, d]
-        return F.cross_entropy(h @ e.T / self.tau, torch.searchsorted(cand, targets).to(h.device))
+        if exclude is None:
+            loss = F.cross_entropy(h @ e.T / self.tau, torch.searchsorted(cand, targets).to(h.device))
+        else:
+            E, c = self.table.E.detach(), cand.to(self.table.E.device)
+            table = E.index_copy(0, c, E[c] + (e - e.detach()).to(E.dtype))
+            loss = catalog_loss(h.to(E.dtype), table, targets.to(E.device), exclude.to(E.device), tau=self.tau,
+                                impl=self.impl)
+        return loss, cand, e.detach()
 
     # ---- users: evaluation-time encoding ----
     @torch.no_grad()
@@ -1205,17 +1222,36 @@ def load_checkpoint(path, device="cpu", dtype=None, dataset=None):
     return r, run_config
 
 
+def stage_loss(r, split, cfg, s):
+    """The LM stage's loss on its step-s batch of `split` (train.py passes the TRAIN split): the next-token
+    loss of lm_documents, + cfg["pretrain_item_weight"] x item_ce of the same samples (cfg["item_negatives"]
+    uniform negatives) with h_T in the run's own form: after greedy reasoning, or w/o reasoning with
+    cfg["no_reasoning"]. Also RecPO's --ptx-coef term. Under torchrun, this process's share of the batch.
+    -> (loss, lm loss, item loss or None)."""
+    B, w_item, n_items = cfg["batch_size"], cfg.get("pretrain_item_weight", 0.0), r.dataset.num_items
+    idx = train_indices(s, B, len(split), cfg["seed"] + 7919)[rank_slice(B)]
+    docs, plen = r.lm_documents(split, idx, cfg["prompt_history"])
+    lm = r.lm_loss(docs)
+    if not w_item:
+        return lm, lm, None
+    neg = np.random.default_rng([cfg["seed"], 7919, s]).choice(n_items, min(cfg.get("item_negatives", 128), n_items),
+                                                             replace=False)
+    full = cfg.get("item_loss") == "full"
+    item, ids, emb = r.item_ce([d[:n] for d, n in zip(docs, plen)], torch.as_tensor(split.target[idx]),
+                               torch.from_numpy(neg + 1), 0 if cfg.get("no_reasoning") else cfg["max_new_tokens"],
+                               torch.from_numpy(split.hist[idx]) if full else None)
+    if full:
+        r.table.update(all_gather(ids.to(emb.device)), all_gather(emb))   # the next steps see the new values
+    return lm + w_item * item, lm, item
+
+
 def lm_stage(r, params, split, cfg, seconds=0.0, log=None):
     """Stage 1 of the nano recipe (nanochat's base/mid before RL): cfg["pretrain_steps"] AdamW steps of
-    next-token loss on lm_documents of `split` (train.py passes the TRAIN split), batch_size samples a step
-    drawn by data.train_indices, linear warmup (20 steps) then cosine to 0.1 x cfg["pretrain_lr"] over the
-    steps the stage will run (sized after 10 steps when `seconds` caps it); stops after `seconds` (0 = no cap).
-    cfg["pretrain_item_weight"] > 0 adds that x item_ce (the w/o-reasoning item loss, cfg["item_negatives"]
-    uniform negatives) on the same samples, so the stage trains the item head too.
-    Under torchrun each process takes its share of the batch; gradients are averaged.
+    stage_loss, linear warmup (20 steps) then cosine to 0.1 x cfg["pretrain_lr"] over the steps the stage
+    will run (sized after 10 steps when `seconds` caps it); stops after `seconds` (0 = no cap).
+    Under torchrun each process takes its share of the batch; gradients are summed.
     -> {steps, loss (mean of the last 20 steps), seconds}."""
-    steps, lr, B = cfg["pretrain_steps"], cfg["pretrain_lr"], cfg["batch_size"]
-    w_item, S, n_items = cfg.get("pretrain_item_weight", 0.0), cfg.get("item_negatives", 128), r.dataset.num_items
+    steps, lr = cfg["pretrain_steps"], cfg["pretrain_lr"]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     t0, losses, item_losses, horizon = time.time(), [], [], steps
     bar = tqdm(total=steps, desc="LM stage", disable=cfg["quiet"], unit="step")
@@ -1229,31 +1265,26 @@ def lm_stage(r, params, split, cfg, seconds=0.0, log=None):
         t = min(1.0, s / max(1, horizon))
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (s + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
-        idx = train_indices(s, B, len(split), cfg["seed"] + 7919)[rank_slice(B)]
-        docs, plen = r.lm_documents(split, idx, cfg["prompt_history"])
+        if cfg.get("item_loss") == "full" and cfg.get("pretrain_item_weight") and s % cfg["item_refresh"] == 0:
+            r.refresh_items(cfg["item_batch_size"])
         with autocast(r.device):
-            loss = lm = r.lm_loss(docs)
-            if w_item:   # the item head learns here too: RecPO then starts from a trained one
-                neg = np.random.default_rng([cfg["seed"], 7919, s]).choice(n_items, min(S, n_items), replace=False)
-                item = r.item_ce([d[:n] for d, n in zip(docs, plen)], torch.as_tensor(split.target[idx]),
-                                 torch.from_numpy(neg + 1))
-                loss = lm + w_item * item
-                item_losses.append(item.item())
+            loss, lm, item = stage_loss(r, split, cfg, s)
         loss.backward()
         all_reduce_grads(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(lm.item())
+        item_losses += [] if item is None else [item.item()]
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"item": f"{item_losses[-1]:.3f}"} if w_item else {}))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"item": f"{item_losses[-1]:.3f}"} if item_losses else {}))
         if log and (s + 1) % 50 == 0:
             log({"lm_step": s + 1, "lm_loss": float(np.mean(losses[-50:])), "learning_rate": opt.param_groups[0]["lr"],
-                 **({"lm_item_loss": float(np.mean(item_losses[-50:]))} if w_item else {})})
+                 **({"lm_item_loss": float(np.mean(item_losses[-50:]))} if item_losses else {})})
     bar.close()
     mean = lambda x: float(np.mean(x[-20:])) if x else float("nan")
     return {"steps": len(losses), "loss": mean(losses), "seconds": time.time() - t0,
-            **({"item_loss": mean(item_losses)} if w_item else {})}
+            **({"item_loss": mean(item_losses)} if item_losses else {})}
 
 
 def param_groups(r, params, embed_lr_mult=1.0):

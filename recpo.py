@@ -211,18 +211,18 @@ def item_logprobs(h_T, item_emb, targets, tau, mode="inbatch", E=None, exclude=N
              nor counted twice.
     sampled: the same, over the distinct ids of the targets + negatives = (ids [S], emb [S,d]) (fresh
              embeddings of uniformly drawn items; an id that is also a target appears once).
-    full:    softmax over the cached table E [N,d] (L2-normalised), history `exclude` [B,X] masked,
-             where the batch's target rows are replaced by their fresh embeddings. Then one call of
-             the fused catalog loss gives -log π with gradients to h_T (through H) and to the fresh
-             embeddings (through the table's gradient, via index_copy); cached rows stay constant.
-             Other rows' fresh targets are negatives with gradient, exactly as in-batch.
+    full:    softmax over the cached table E [N,d] (L2-normalised), history `exclude` [B,X] masked, and
+             (with negatives) the sampled items too. The fresh rows keep the table's VALUES and take
+             their own gradient (straight-through: e_table + e - e.detach()); with fresh values the
+             target alone would be fresher than its negatives, a shortcut the model learned. One call
+             of the fused catalog loss gives -log π with gradients to h_T and to the fresh rows.
     """
     _check("mode", mode, ITEM_LOSS_MODES)
     B = h_T.shape[0]
     rows = torch.arange(B, device=h_T.device) if rows is None else rows
     h = F.normalize(h_T[rows].float(), dim=-1)                       # [n, d]
     e = F.normalize(item_emb.float(), dim=-1)                        # [B, d]
-    if mode == "sampled":
+    if mode == "sampled" or mode == "full" and negatives is not None:
         if negatives is None:
             raise ValueError("item_logprobs(mode='sampled') needs negatives=(ids [S], emb [S,d])")
         ids, emb = negatives
@@ -234,7 +234,8 @@ def item_logprobs(h_T, item_emb, targets, tau, mode="inbatch", E=None, exclude=N
         return torch.log_softmax(s, dim=1).gather(1, inv[rows][:, None]).squeeze(1)   # [n]
     if E is None:
         raise ValueError("item_logprobs(mode='full') needs the item table E")
-    table = E.detach().index_copy(0, uniq, e[first].to(E.dtype))     # [N, d] batch targets fresh
+    E = E.detach()   # the fresh rows enter with the table's values and their own gradient (straight-through)
+    table = E.index_copy(0, uniq, E[uniq] + (e[first] - e[first].detach()).to(E.dtype))   # [N, d]
     excl = None if exclude is None else exclude[rows]
     return -catalog_loss(h.to(E.dtype), table, targets[rows], excl, tau=tau, reduction="none",
                          impl=impl).float()

@@ -31,9 +31,9 @@ PRESETS = {
                   micro_batch_size=4, embed_lr_mult=1.0, time_budget=0.0, pretrain_steps=0, temperature=2.0, kl_beta=0.0),
     "cpu": dict(prompt_history=8, max_new_tokens=32, val_samples=1000, train_recent=10000, item_loss="sampled",
                 micro_batch_size=32, embed_lr_mult=0.1, time_budget=10.0, pretrain_steps=2000, temperature=1.0,
-                kl_beta=0.1, pretrain_item_weight=1.0),
+                kl_beta=0.1, pretrain_item_weight=1.0, ptx_coef=1.0),
 }
-LR = {"tiny": 2e-3, "hf": 1e-5}   # --lr default by backbone [paper: 1e-5]
+LR = {"tiny": 5e-4, "hf": 1e-5}   # --lr default by backbone [paper: 1e-5]
 # what a resumed run may not change: it defines the data, the model or the meaning of a step
 FIXED_ON_RESUME = ("dataset", "history", "synthetic_users", "synthetic_items", "init_from", "tiny_layers",
                    "tiny_hidden", "tiny_heads", "lora_r", "lora_alpha", "tau", "num_generations",
@@ -41,7 +41,7 @@ FIXED_ON_RESUME = ("dataset", "history", "synthetic_users", "synthetic_items", "
 OPTIONAL_SAVED = ("resume", "preset", "data_dir", "max_prompt_len", "pretrain_steps", "logp_temperature")
 MAX_BAD_STEPS = 5   # non-finite loss/grad steps in a row before the run stops
 TRAIN_SHARE = 0.6   # of --time-budget, guaranteed to training whatever the test pass is estimated to cost
-PRETRAIN_SHARE = 0.35   # of --time-budget, the most the LM stage may take
+PRETRAIN_SHARE = 0.6   # of --time-budget, the most the LM stage may take (--pretrain-share)
 TrainError = data.UserError   # user-facing: main() prints `error: <msg>` and exits 2
 
 
@@ -73,7 +73,9 @@ def get_parser():
     a("--tau", type=F, default=0.02, help="cosine temperature of the item head, s = cos/tau [paper: 0.02]")
     a("--pretrain-steps", type=I0, help=f"LM-stage steps, 0 = skip [paper: 0; cpu: 2000, <= {PRETRAIN_SHARE * 100:.0f}%% of budget]")
     a("--pretrain-lr", type=F, default=3e-3, help="LM stage: AdamW peak LR")
-    a("--pretrain-item-weight", type=F0, default=0.0, help="LM stage: + w x item loss w/o reasoning [cpu: 1]")
+    a("--pretrain-item-weight", type=F0, default=0.0, help="LM stage: + w x item loss, h_T in the run's form [cpu: 1]")
+    a("--pretrain-share", type=U, default=PRETRAIN_SHARE, help="LM stage: most of --time-budget it may take")
+    a("--ptx-coef", type=F0, default=0.0, help="RecPO: + c x the LM stage's loss, next batch (PPO-ptx) [cpu: 1]")
     a("--item-warmup", type=I0, default=0, help="first N RecPO steps w/o reasoning (G = 1, item loss only)")
     # rollouts
     a("--num-generations", type=I, default=4, help="reasoning chains per user, G >= 2 [paper: 4]")
@@ -203,7 +205,7 @@ def rollout(r, ds, cfg, step, ref=None, ph=None):
     idx = pool[data.train_indices(step, B, len(pool), cfg["seed"])][mine]          # [b]: B, or B / processes
     targets = torch.from_numpy(np.repeat(tr.target[idx], G)).to(r.device)             # [b*G]
     hist = torch.from_numpy(np.repeat(tr.hist[idx], G, axis=0)).to(r.device)          # [b*G, H]
-    neg = None if cfg["item_loss"] != "sampled" else np.sort(np.random.default_rng([cfg["seed"], step, 1]).choice(
+    neg = None if cfg["item_loss"] == "inbatch" else np.sort(np.random.default_rng([cfg["seed"], step, 1]).choice(
         ds.num_items, min(cfg["item_negatives"], ds.num_items), replace=False) + 1)   # uniform item-loss negatives
     r.model.eval()
     with ph("rollout"), torch.no_grad(), M.autocast(r.device):
@@ -223,8 +225,8 @@ def rollout(r, ds, cfg, step, ref=None, ph=None):
         adv, frac0 = recpo.compute_advantages(rw["reward"], G, cfg["advantage"])       # [b*G]
     step_rows = (*data.all_gather((rw, adv)), data.all_reduce({"f": frac0})["f"] / data.world(),   # for the log: all
                  data.all_gather({k: ro[k] for k in ("sampled_mask", "attention_mask", "cut")}))   # processes' rows
-    return dict(idx=idx, ro=ro, G=G, targets=targets, hist=hist, rw=rw, adv=adv, frac0=frac0, chunks=chunks,
-                neg=None if neg is None else torch.from_numpy(neg).to(r.device), step_rows=step_rows)
+    return dict(idx=idx, ro=ro, G=G, targets=targets, hist=hist, rw=rw, adv=adv, frac0=frac0, chunks=chunks, step=step,
+                neg=None if neg is None else torch.from_numpy(neg).to(r.device), step_rows=step_rows, split=tr)
 
 
 def update(r, cfg, batch, opt, params, lr, ph=None):
@@ -268,6 +270,10 @@ def update(r, cfg, batch, opt, params, lr, ph=None):
             if it == cfg["num_iterations"] - 1:   # report the last pass (where clipping can be active)
                 for k, v in {**ts, **is_}.items():
                     stats[k] = stats.get(k, 0.0) + v * (1 if k == "num_tokens" else w)
+        if cfg["ptx_coef"] and it == 0:   # + the LM stage's loss on its next batch, once per rollout batch
+            with ph("ptx"), M.autocast(r.device):
+                ptx = M.stage_loss(r, batch["split"], cfg, cfg["pretrain_steps"] + batch["step"])[0]
+                (cfg["ptx_coef"] / data.world() * ptx).backward()
         with ph("optimizer"):
             # torchrun: all processes' table writes (single-process order); grads and stats summed (global weights)
             r.table.update(*(data.all_gather(torch.cat(x)) for x in zip(*writes)))
@@ -341,7 +347,7 @@ def train(cfg):
     M.clean_checkpoints(cfg["out"])
     print(f"preset {cfg['preset']} | config:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(cfg.items())))
     if saved is None and cfg["pretrain_steps"]:   # stage 1, the LM stage (train split only); then RecPO
-        state["pretrain"] = M.lm_stage(r, params, ds.train, cfg, PRETRAIN_SHARE * budget, log)
+        state["pretrain"] = M.lm_stage(r, params, ds.train, cfg, cfg["pretrain_share"] * budget, log)
         log(state["pretrain"], "LM stage: {steps} steps, loss {loss:.3f}, {seconds:.0f}s".format(**state["pretrain"]))
         r.refresh_items(cfg["item_batch_size"])
     ref = None if not cfg["kl_beta"] else M.R2ec(copy.deepcopy(r.model).eval().requires_grad_(False), r.tok, None,

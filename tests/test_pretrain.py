@@ -10,7 +10,7 @@ import torch
 import data
 import model as M
 import train as T
-from test_train import SMALL, run
+from test_train import SMALL, run, small_model  # noqa: F401 (fixture)
 
 
 def leaky_world(d):
@@ -100,24 +100,26 @@ def test_train_runs_records_and_skips_the_stage(tmp_path):
 
 
 def test_stage_item_loss_matches_a_reference_and_trains_the_item_head(tmp_path):
-    """--pretrain-item-weight w: item_ce is the plain softmax cross-entropy of h_T (prompt + anchor, the
-    w/o-reasoning form) against the fresh embeddings of the distinct targets + negatives; after the same LM
-    stage, the item loss of unseen train samples over the whole catalog is lower with it than without."""
+    """--pretrain-item-weight w: item_ce is the plain softmax cross-entropy of h_T against the fresh embeddings of
+    the distinct targets + negatives, h_T in the run's form (after the model's greedy reasoning; prompt + anchor
+    with --no-reasoning), each checked against h_T decoded one prompt at a time; after the same LM stage, the
+    item loss of unseen train samples over the whole catalog (in the run's form) is lower with it than without."""
     ds = data.load_dataset("synthetic", history=8, num_users=150, num_items=80, verbose=False)
     probe = np.arange(len(ds.train))[-64:]
     tgt, neg, after = torch.as_tensor(ds.train.target[probe]), torch.tensor([3, 7, 7, 50, 61]), {}
-    for w in ("0", "1"):
+    for w, form in (("0", []), ("1", []), ("0", ["--no-reasoning"]), ("1", ["--no-reasoning"])):
         cfg = T.resolve_config(SMALL + ["--out", str(tmp_path / "o"), "--pretrain-steps", "150", "--tiny-hidden",
                                        "64", "--kernels", "torch", "--batch-size", "16", "--pretrain-item-weight", w,
-                                       "--item-negatives", "24"])
+                                       "--item-negatives", "24", "--max-new-tokens", "5"] + form)
+        T_new = 0 if form else 5
         torch.manual_seed(0)
         r, params, _ = T.build(cfg, ds, verbose=False)
         prompts = r.split_prompt_ids(ds.train, probe, cfg["prompt_history"])
         r.model.eval()
         if w == "1":
             with torch.no_grad():
-                got = r.item_ce(prompts[:16], tgt[:16], neg).item()
-                h = torch.stack([r.decode([p], max_new_tokens=0)[1][0] for p in prompts[:16]])   # one at a time
+                got = r.item_ce(prompts[:16], tgt[:16], neg, T_new)[0].item()
+                h = torch.stack([r.decode([p], max_new_tokens=T_new)[1][0] for p in prompts[:16]])   # one at a time
                 cand = sorted(set(tgt[:16].tolist()) | set(neg.tolist()))
                 e = r.encode_items(cand)
                 col = [cand.index(t) for t in tgt[:16].tolist()]
@@ -126,6 +128,57 @@ def test_stage_item_loss_matches_a_reference_and_trains_the_item_head(tmp_path):
         st = M.lm_stage(r, params, ds.train, cfg)
         r.model.eval()
         with torch.no_grad():
-            after[w] = r.item_ce(prompts, tgt, torch.arange(1, ds.num_items + 1)).item()
+            after[w, T_new] = r.item_ce(prompts, tgt, torch.arange(1, ds.num_items + 1), T_new)[0].item()
         assert st["steps"] == 150 and (w == "0") == ("item_loss" not in st)
-    assert after["1"] < after["0"] - 0.05, after
+    for T_new in (0, 5):
+        assert after["1", T_new] < after["0", T_new] - 0.05, after
+
+
+def test_ptx_adds_the_stage_loss_to_recpo(tmp_path):
+    """--ptx-coef c: each RecPO update also backpropagates c x the LM stage's loss on the stage's next batch (the
+    same batch a longer stage would have drawn): the first update with c > 0 differs from c = 0, the run logs
+    its phase, and c = 0 never computes it."""
+    out = {}
+    for c in ("0", "0.5"):
+        res, cfg = run(tmp_path, "--ptx-coef", c, "--max-steps", "1", "--eval-every", "0", "--kernels", "torch",
+                       "--pretrain-item-weight", "1", "--no-test", name=f"p{c}")
+        out[c] = res
+        w = M.load_checkpoint(os.path.join(cfg["out"], "last"))[0].lm_weight.detach().clone()
+        out[c] = (res["log"][0]["phases_s"], w)
+    assert "ptx" in out["0.5"][0] and "ptx" not in out["0"][0]
+    assert not torch.equal(out["0"][1], out["0.5"][1])
+
+
+def test_full_catalog_item_ce_is_straight_through(small_model):
+    """item_ce over the whole cached table (exclude given): the loss is the softmax cross-entropy over the table's
+    VALUES with the history masked (a fresh row is never told apart by being fresher), and each fresh row gets the
+    gradient its table row would get: value and every parameter's gradient against a plain autograd reference
+    (user path + d loss / d table row pushed through the fresh item encodings), on random table values."""
+    r, ds = small_model
+    torch.manual_seed(3)
+    E0 = r.table.E.clone()
+    r.table.E[1:] = torch.nn.functional.normalize(torch.randn(ds.num_items, r.table.E.shape[1]), dim=-1)
+    idx = np.arange(len(ds.train))[-7:]
+    prompts = r.split_prompt_ids(ds.train, idx, 3)
+    tgt, neg, hist = torch.as_tensor(ds.train.target[idx]), torch.tensor([2, 5, 40]), torch.from_numpy(ds.train.hist[idx])
+    params = [p for p in r.model.parameters() if p.requires_grad]
+    r.model.zero_grad()
+    loss, cand, _ = r.item_ce(prompts, tgt, neg, 0, hist)
+    loss.backward()
+    got = [p.grad.clone() for p in params]
+    r.model.zero_grad()
+    ids, mask = r.pad_left([p + list(r.anchor_ids) for p in prompts])
+    h = torch.nn.functional.normalize(r.hidden(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))[:, -1].float(), dim=-1)
+    E = r.table.E.clone().requires_grad_(True)
+    s = h @ E.T / r.tau
+    masked = torch.zeros_like(s, dtype=torch.bool).scatter_(1, hist, True)
+    masked[:, 0], masked[torch.arange(7), tgt] = True, False    # padding out; the target never masked
+    want = -torch.log_softmax(s.masked_fill(masked, float("-inf")), 1)[torch.arange(7), tgt].mean()
+    assert abs(loss.item() - want.item()) < 1e-5, (loss.item(), want.item())
+    want.backward()                                              # the user path, and d loss / d E
+    (r.encode_items(cand.tolist(), grad=True) * E.grad[cand]).sum().backward()   # the item path, straight through
+    for p, g in zip(params, got):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    assert E.grad[cand].abs().sum() > 0 and sum(float(g.abs().sum()) for g in got) > 0
+    r.model.zero_grad()
+    r.table.E.copy_(E0)

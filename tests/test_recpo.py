@@ -217,8 +217,8 @@ def test_item_loss_full_catalog_matches_materialised_reference(device):
 
     h2, e2 = h.clone().requires_grad_(), emb.clone().requires_grad_()
     T = E.clone()
-    for b in [0, 2, 6]:                                             # first row of each distinct item
-        T[targets[b]] = F.normalize(e2[b], dim=0)
+    for b in [0, 2, 6]:   # first row of each distinct item: the table's value, the fresh row's gradient
+        T[targets[b]] = E[targets[b]] + F.normalize(e2[b], dim=0) - F.normalize(e2[b], dim=0).detach()
     logits = F.normalize(h2, dim=-1) @ T.T / tau                    # [B, N] materialised
     masked = torch.zeros(8, N, dtype=torch.bool)
     masked[:, 0] = True

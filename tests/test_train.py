@@ -22,7 +22,7 @@ SMALL = ["--dataset", "synthetic", "--synthetic-users", "150", "--synthetic-item
          "--max-new-tokens", "2", "--num-generations", "2", "--batch-size", "8",
          "--micro-batch-size", "4", "--val-samples", "60", "--eval-batch-size", "64", "--time-budget", "0",
          "--device", "cpu", "--quiet", "--log-every", "1000", "--train-recent", "0", "--pretrain-steps", "0",
-         "--item-warmup", "0", "--kl-beta", "0", "--temperature", "2.0"]
+         "--item-warmup", "0", "--kl-beta", "0", "--temperature", "2.0", "--ptx-coef", "0"]
 
 
 def run(tmp_path, *extra, name="run"):
