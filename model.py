@@ -1225,8 +1225,8 @@ def load_checkpoint(path, device="cpu", dtype=None, dataset=None):
 def stage_loss(r, split, cfg, s):
     """The LM stage's loss on its step-s batch of `split` (train.py passes the TRAIN split): the next-token
     loss of lm_documents, + cfg["pretrain_item_weight"] x item_ce of the same samples (cfg["item_negatives"]
-    uniform negatives) with h_T in the run's own form: after greedy reasoning, or w/o reasoning with
-    cfg["no_reasoning"]. Also RecPO's --ptx-coef term. Under torchrun, this process's share of the batch.
+    uniform negatives), h_T w/o reasoning, or after greedy reasoning with cfg["pretrain_item_form"] ==
+    "reasoning". Also RecPO's --ptx-coef term. Under torchrun, this process's share of the batch.
     -> (loss, lm loss, item loss or None)."""
     B, w_item, n_items = cfg["batch_size"], cfg.get("pretrain_item_weight", 0.0), r.dataset.num_items
     idx = train_indices(s, B, len(split), cfg["seed"] + 7919)[rank_slice(B)]
@@ -1238,7 +1238,7 @@ def stage_loss(r, split, cfg, s):
                                                              replace=False)
     full = cfg.get("item_loss") == "full"
     item, ids, emb = r.item_ce([d[:n] for d, n in zip(docs, plen)], torch.as_tensor(split.target[idx]),
-                               torch.from_numpy(neg + 1), 0 if cfg.get("no_reasoning") else cfg["max_new_tokens"],
+                               torch.from_numpy(neg + 1), cfg["max_new_tokens"] if cfg.get("pretrain_item_form") == "reasoning" and not cfg.get("no_reasoning") else 0,
                                torch.from_numpy(split.hist[idx]) if full else None)
     if full:
         r.table.update(all_gather(ids.to(emb.device)), all_gather(emb))   # the next steps see the new values

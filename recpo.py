@@ -27,9 +27,8 @@ Departures from the paper / the authors' reference code, and why
     into a plain in-batch contrastive loss (all rows, not just the top-k) scaled by the mean of the
     selected advantages. We implement the element-wise objective of the paper.
     `reference_broadcast=True` reproduces the defect faithfully, for ablation only.
- 2. Old log-probs. The reference uses ratio = exp(logp - logp.detach()) (one update per rollout).
-    We take π_old from the rollout, so several updates per rollout (--num-iterations) are real PPO;
-    with one update the ratio is 1 in value and the gradient is the same.
+ 2. Old log-probs: the reference's ratio is exp(logp - logp.detach()); ours takes π_old from the update's
+    first pass (its own numerical path), so --num-iterations > 1 is real PPO and with 1 the ratio is exactly 1.
  3. Leave-one-out advantage. The reference computes R_i·(1 + 1/G) - mean(R), which is not a
     leave-one-out baseline (its group sum is mean(R), not 0). We use R_i - mean_{j≠i} R_j.
  4. Z-score std: the unbiased (G - 1) estimator, as the reference code and TRL's GRPO do; so G ≥ 2.
@@ -44,11 +43,9 @@ Departures from the paper / the authors' reference code, and why
  8. Token aggregation: "token-mean" (default; the reference's sum / #tokens), "sequence-mean" (the
     GRPO paper) or "dr-grpo" (sum / (B · max_len), a constant: Liu et al. 2025, "Dr. GRPO").
  9. Optional KL to a frozen reference (k3 estimator) and entropy bonus, both off by default as in the paper.
-10. Beyond the paper, two more candidate sets for the item softmax (see item_logprobs):
-    mode="sampled": the batch's targets + S uniformly drawn items, all re-encoded this step with grad
-    (the CPU demo's default: in-batch negatives are drawn by popularity, so an in-batch softmax learns
-    scores with popularity divided out; uniform negatives keep it); mode="full": the whole cached item
-    table (affordable with the fused catalog kernel; its rows are as stale as the last refresh).
+10. Beyond the paper, two more candidate sets for the item softmax (see item_logprobs): "sampled", the
+    targets + S uniform items, all fresh with grad (the CPU default: in-batch negatives follow popularity,
+    which an in-batch softmax divides out); "full", the whole cached table (the fused catalog kernel).
 11. With --relabel-topk >= 2 a selected chain can have a negative advantage, which would push π(v⁺)
     *down*; the reference's summed advantages never do. We clamp the selected advantages at 0.
 """
@@ -211,20 +208,17 @@ def item_logprobs(h_T, item_emb, targets, tau, mode="inbatch", E=None, exclude=N
              nor counted twice.
     sampled: the same, over the distinct ids of the targets + negatives = (ids [S], emb [S,d]) (fresh
              embeddings of uniformly drawn items; an id that is also a target appears once).
-    full:    softmax over the cached table E [N,d] (L2-normalised), history `exclude` [B,X] masked, and
-             (with negatives) the sampled items too. The fresh rows keep the table's VALUES and take
-             their own gradient (straight-through: e_table + e - e.detach()); with fresh values the
-             target alone would be fresher than its negatives, a shortcut the model learned. One call
-             of the fused catalog loss gives -log π with gradients to h_T and to the fresh rows.
-    """
+    full:    softmax over the cached table E [N,d] (L2-normalised), history `exclude` [B,X] masked; the
+             fresh rows (targets, and negatives if given) keep the table's VALUES with their own gradient
+             (straight-through: fresh targets among stale rows were a shortcut the model learned)."""
     _check("mode", mode, ITEM_LOSS_MODES)
     B = h_T.shape[0]
     rows = torch.arange(B, device=h_T.device) if rows is None else rows
     h = F.normalize(h_T[rows].float(), dim=-1)                       # [n, d]
     e = F.normalize(item_emb.float(), dim=-1)                        # [B, d]
-    if mode == "sampled" or mode == "full" and negatives is not None:
-        if negatives is None:
-            raise ValueError("item_logprobs(mode='sampled') needs negatives=(ids [S], emb [S,d])")
+    if mode == "sampled" and negatives is None:
+        raise ValueError("item_logprobs(mode='sampled') needs negatives=(ids [S], emb [S,d])")
+    if negatives is not None and mode != "inbatch":
         ids, emb = negatives
         targets = torch.cat([targets, ids.to(targets.device)])       # [B+S] candidates, targets first
         e = torch.cat([e, F.normalize(emb.float(), dim=-1)])         # [B+S, d]

@@ -41,7 +41,6 @@ FIXED_ON_RESUME = ("dataset", "history", "synthetic_users", "synthetic_items", "
 OPTIONAL_SAVED = ("resume", "preset", "data_dir", "max_prompt_len", "pretrain_steps", "logp_temperature")
 MAX_BAD_STEPS = 5   # non-finite loss/grad steps in a row before the run stops
 TRAIN_SHARE = 0.6   # of --time-budget, guaranteed to training whatever the test pass is estimated to cost
-PRETRAIN_SHARE = 0.6   # of --time-budget, the most the LM stage may take (--pretrain-share)
 TrainError = data.UserError   # user-facing: main() prints `error: <msg>` and exits 2
 
 
@@ -71,10 +70,11 @@ def get_parser():
     a("--lora-alpha", type=F, default=128.0, help="LoRA alpha [paper: 128]")
     a("--lora-dropout", type=U, default=0.0, help="LoRA dropout")
     a("--tau", type=F, default=0.02, help="cosine temperature of the item head, s = cos/tau [paper: 0.02]")
-    a("--pretrain-steps", type=I0, help=f"LM-stage steps, 0 = skip [paper: 0; cpu: 2000, <= {PRETRAIN_SHARE * 100:.0f}%% of budget]")
+    a("--pretrain-steps", type=I0, help="LM-stage steps, 0 = skip [paper: 0; cpu: 2000, <= --pretrain-share]")
     a("--pretrain-lr", type=F, default=3e-3, help="LM stage: AdamW peak LR")
-    a("--pretrain-item-weight", type=F0, default=0.0, help="LM stage: + w x item loss, h_T in the run's form [cpu: 1]")
-    a("--pretrain-share", type=U, default=PRETRAIN_SHARE, help="LM stage: most of --time-budget it may take")
+    a("--pretrain-item-weight", type=F0, default=0.0, help="LM stage: + w x item loss w/o reasoning [cpu: 1]")
+    a("--pretrain-item-form", default="prompt", choices=("prompt", "reasoning"), help="... or after greedy reasoning")
+    a("--pretrain-share", type=U, default=0.6, help="LM stage: the most of --time-budget it may take")
     a("--ptx-coef", type=F0, default=0.0, help="RecPO: + c x the LM stage's loss, next batch (PPO-ptx) [cpu: 1]")
     a("--item-warmup", type=I0, default=0, help="first N RecPO steps w/o reasoning (G = 1, item loss only)")
     # rollouts
@@ -205,8 +205,8 @@ def rollout(r, ds, cfg, step, ref=None, ph=None):
     idx = pool[data.train_indices(step, B, len(pool), cfg["seed"])][mine]          # [b]: B, or B / processes
     targets = torch.from_numpy(np.repeat(tr.target[idx], G)).to(r.device)             # [b*G]
     hist = torch.from_numpy(np.repeat(tr.hist[idx], G, axis=0)).to(r.device)          # [b*G, H]
-    neg = None if cfg["item_loss"] == "inbatch" else np.sort(np.random.default_rng([cfg["seed"], step, 1]).choice(
-        ds.num_items, min(cfg["item_negatives"], ds.num_items), replace=False) + 1)   # uniform item-loss negatives
+    neg = None if cfg["item_loss"] == "inbatch" else torch.from_numpy(np.sort(np.random.default_rng([cfg["seed"], step, 1])
+        .choice(ds.num_items, min(cfg["item_negatives"], ds.num_items), replace=False) + 1)).to(r.device)   # uniform
     r.model.eval()
     with ph("rollout"), torch.no_grad(), M.autocast(r.device):
         # a chain's noise: (seed, step, its user's position in the step); resumed and torchrun runs sample the same
@@ -225,8 +225,8 @@ def rollout(r, ds, cfg, step, ref=None, ph=None):
         adv, frac0 = recpo.compute_advantages(rw["reward"], G, cfg["advantage"])       # [b*G]
     step_rows = (*data.all_gather((rw, adv)), data.all_reduce({"f": frac0})["f"] / data.world(),   # for the log: all
                  data.all_gather({k: ro[k] for k in ("sampled_mask", "attention_mask", "cut")}))   # processes' rows
-    return dict(idx=idx, ro=ro, G=G, targets=targets, hist=hist, rw=rw, adv=adv, frac0=frac0, chunks=chunks, step=step,
-                neg=None if neg is None else torch.from_numpy(neg).to(r.device), step_rows=step_rows, split=tr)
+    return dict(idx=idx, ro=ro, G=G, targets=targets, hist=hist, rw=rw, adv=adv, frac0=frac0, chunks=chunks,
+                neg=neg, step_rows=step_rows, split=tr, ptx_step=cfg["pretrain_steps"] + step)   # ptx: the stage's next
 
 
 def update(r, cfg, batch, opt, params, lr, ph=None):
@@ -272,8 +272,7 @@ def update(r, cfg, batch, opt, params, lr, ph=None):
                     stats[k] = stats.get(k, 0.0) + v * (1 if k == "num_tokens" else w)
         if cfg["ptx_coef"] and it == 0:   # + the LM stage's loss on its next batch, once per rollout batch
             with ph("ptx"), M.autocast(r.device):
-                ptx = M.stage_loss(r, batch["split"], cfg, cfg["pretrain_steps"] + batch["step"])[0]
-                (cfg["ptx_coef"] / data.world() * ptx).backward()
+                (cfg["ptx_coef"] / data.world() * M.stage_loss(r, batch["split"], cfg, batch["ptx_step"])[0]).backward()
         with ph("optimizer"):
             # torchrun: all processes' table writes (single-process order); grads and stats summed (global weights)
             r.table.update(*(data.all_gather(torch.cat(x)) for x in zip(*writes)))

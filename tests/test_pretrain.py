@@ -101,17 +101,17 @@ def test_train_runs_records_and_skips_the_stage(tmp_path):
 
 def test_stage_item_loss_matches_a_reference_and_trains_the_item_head(tmp_path):
     """--pretrain-item-weight w: item_ce is the plain softmax cross-entropy of h_T against the fresh embeddings of
-    the distinct targets + negatives, h_T in the run's form (after the model's greedy reasoning; prompt + anchor
-    with --no-reasoning), each checked against h_T decoded one prompt at a time; after the same LM stage, the
-    item loss of unseen train samples over the whole catalog (in the run's form) is lower with it than without."""
+    the distinct targets + negatives, h_T w/o reasoning (prompt + anchor) or, with --pretrain-item-form reasoning,
+    after the model's greedy reasoning, each checked against h_T decoded one prompt at a time; after the same LM
+    stage, the item loss of unseen train samples over the whole catalog (in that form) is lower with it than without."""
     ds = data.load_dataset("synthetic", history=8, num_users=150, num_items=80, verbose=False)
     probe = np.arange(len(ds.train))[-64:]
     tgt, neg, after = torch.as_tensor(ds.train.target[probe]), torch.tensor([3, 7, 7, 50, 61]), {}
-    for w, form in (("0", []), ("1", []), ("0", ["--no-reasoning"]), ("1", ["--no-reasoning"])):
+    for w, form in (("0", "prompt"), ("1", "prompt"), ("0", "reasoning"), ("1", "reasoning")):
         cfg = T.resolve_config(SMALL + ["--out", str(tmp_path / "o"), "--pretrain-steps", "150", "--tiny-hidden",
                                        "64", "--kernels", "torch", "--batch-size", "16", "--pretrain-item-weight", w,
-                                       "--item-negatives", "24", "--max-new-tokens", "5"] + form)
-        T_new = 0 if form else 5
+                                       "--item-negatives", "24", "--max-new-tokens", "5", "--pretrain-item-form", form])
+        T_new = 5 if form == "reasoning" else 0
         torch.manual_seed(0)
         r, params, _ = T.build(cfg, ds, verbose=False)
         prompts = r.split_prompt_ids(ds.train, probe, cfg["prompt_history"])
