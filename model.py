@@ -58,8 +58,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (UserError, all_gather, all_reduce, all_reduce_grads, barrier, fsync_dir, is_main, rank, rank_slice,
-                  train_indices, world)
+from data import (UserError, all_gather, all_reduce, all_reduce_grads, barrier, fsync_dir, is_main, rank,
+                  rank_slice, train_indices, world)
 from kernels.catalog import catalog_loss
 from kernels.logprobs import token_logprobs
 
@@ -1237,8 +1237,9 @@ def stage_loss(r, split, cfg, s):
     neg = np.random.default_rng([cfg["seed"], 7919, s]).choice(n_items, min(cfg.get("item_negatives", 128), n_items),
                                                              replace=False)
     full = cfg.get("item_loss") == "full"
+    chain = cfg.get("pretrain_item_form") == "reasoning" and not cfg.get("no_reasoning")
     item, ids, emb = r.item_ce([d[:n] for d, n in zip(docs, plen)], torch.as_tensor(split.target[idx]),
-                               torch.from_numpy(neg + 1), cfg["max_new_tokens"] if cfg.get("pretrain_item_form") == "reasoning" and not cfg.get("no_reasoning") else 0,
+                               torch.from_numpy(neg + 1), cfg["max_new_tokens"] if chain else 0,
                                torch.from_numpy(split.hist[idx]) if full else None)
     if full:
         r.table.update(all_gather(ids.to(emb.device)), all_gather(emb))   # the next steps see the new values
