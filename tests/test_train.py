@@ -91,7 +91,7 @@ def test_kernels_and_torch_paths_agree(tmp_path):
     Rewards and entropies agree step by step. Losses agree on average: their per-step values go through
     z-scored advantages, which amplify fp32-level reward differences inside near-tied groups (an exact
     kernel-vs-torch equality of advantages is not a property fp32 arithmetic has)."""
-    common = ["--max-steps", "8", "--eval-every", "0", "--no-test", "--item-loss", "full",
+    common = ["--max-steps", "8", "--eval-every", "0", "--no-test", "--item-loss", "full", "--item-negatives", "16",
               "--num-iterations", "2"]
     res_k, _ = run(tmp_path, *common, "--kernels", "triton", name="k")
     res_t, _ = run(tmp_path, *common, "--kernels", "torch", name="t")
