@@ -209,7 +209,7 @@ def item_logprobs(h_T, item_emb, targets, tau, mode="inbatch", E=None, exclude=N
     sampled: the same, over the distinct ids of the targets + negatives = (ids [S], emb [S,d]) (fresh
              embeddings of uniformly drawn items; an id that is also a target appears once).
     full:    softmax over the cached table E [N,d] (L2-normalised), history `exclude` [B,X] masked; the
-             fresh rows (targets, and negatives if given) keep the table's VALUES with their own gradient
+             batch's fresh target rows keep the table's VALUES and take their own gradient
              (straight-through: fresh targets among stale rows were a shortcut the model learned)."""
     _check("mode", mode, ITEM_LOSS_MODES)
     B = h_T.shape[0]
@@ -218,7 +218,7 @@ def item_logprobs(h_T, item_emb, targets, tau, mode="inbatch", E=None, exclude=N
     e = F.normalize(item_emb.float(), dim=-1)                        # [B, d]
     if mode == "sampled" and negatives is None:
         raise ValueError("item_logprobs(mode='sampled') needs negatives=(ids [S], emb [S,d])")
-    if negatives is not None and mode != "inbatch":
+    if mode == "sampled":
         ids, emb = negatives
         targets = torch.cat([targets, ids.to(targets.device)])       # [B+S] candidates, targets first
         e = torch.cat([e, F.normalize(emb.float(), dim=-1)])         # [B+S, d]

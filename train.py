@@ -205,7 +205,7 @@ def rollout(r, ds, cfg, step, ref=None, ph=None):
     idx = pool[data.train_indices(step, B, len(pool), cfg["seed"])][mine]          # [b]: B, or B / processes
     targets = torch.from_numpy(np.repeat(tr.target[idx], G)).to(r.device)             # [b*G]
     hist = torch.from_numpy(np.repeat(tr.hist[idx], G, axis=0)).to(r.device)          # [b*G, H]
-    neg = None if cfg["item_loss"] == "inbatch" else torch.from_numpy(np.sort(np.random.default_rng([cfg["seed"], step, 1])
+    neg = None if cfg["item_loss"] != "sampled" else torch.from_numpy(np.sort(np.random.default_rng([cfg["seed"], step, 1])
         .choice(ds.num_items, min(cfg["item_negatives"], ds.num_items), replace=False) + 1)).to(r.device)   # uniform
     r.model.eval()
     with ph("rollout"), torch.no_grad(), M.autocast(r.device):
