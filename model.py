@@ -671,12 +671,14 @@ class R2ec:
                 self._item_ids[i] = t
         return [self._item_ids[int(i)] for i in ids]
 
-    def user_prompt_ids(self, hist, hist_rating, hist_time, target_time):
+    def user_prompt_ids(self, hist, hist_rating, hist_time, target_time, line_ends=False):
         """Token ids of the chat-rendered user prompts; drops the OLDEST history lines of prompts
-        longer than max_prompt_len (the instruction is never cut; the anchor comes after)."""
+        longer than max_prompt_len (the instruction is never cut; the anchor comes after). line_ends=True:
+        also, per prompt, [(index of the token holding the newline after line k, item of line k + 1)] for every
+        line but the last: the positions where the history itself says what comes next."""
         d, titles = self.dataset.domain, self.dataset.titles
         head = user_instruction(d)
-        out, n_trunc, n_lines = [], 0, 0
+        out, ends, n_trunc, n_lines = [], [], 0, 0
         for b in range(len(hist)):
             lines = [history_line(target_time[b] - t, titles[int(i)], r)
                      for i, r, t in zip(hist[b], hist_rating[b], hist_time[b]) if int(i) != 0]
@@ -690,16 +692,36 @@ class R2ec:
                 ids = self._encode(self.chat(head + "\n".join(lines)))
             n_trunc, n_lines = n_trunc + (dropped > 0), n_lines + dropped
             out.append(ids)
+            if line_ends:
+                items = [int(i) for i in hist[b] if int(i) != 0][dropped:]
+                ends.append(list(zip(self._line_ends(head, lines, ids), items[1:])))
         if n_trunc:
             warn_once("truncate", f"{n_trunc} of {len(hist)} user prompts exceed {self.max_prompt_len} tokens: "
                       f"dropped their {n_lines} oldest history lines (shown once; raise --max-prompt-len)")
-        return out
+        return (out, ends) if line_ends else out
 
-    def split_prompt_ids(self, split, idx, n_hist=None):
+    def _line_ends(self, head, lines, ids):
+        """Token index of each newline between the history lines (char offsets from the fast tokenizer)."""
+        if len(lines) < 2:
+            return []
+        text = self.chat(head + "\n".join(lines))
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        if enc["input_ids"] != ids:
+            raise ModelError("the tokenizer's offsets do not match its ids; --pretrain-line-weight needs a fast tokenizer")
+        c, at, j, off = text.index(head + "\n".join(lines)) + len(head), [], 0, enc["offset_mapping"]
+        for line in lines[:-1]:
+            c += len(line)                                         # c: the newline after this line
+            while off[j][1] <= c:
+                j += 1
+            at.append(j)
+            c += 1
+        return at
+
+    def split_prompt_ids(self, split, idx, n_hist=None, line_ends=False):
         """User prompts of samples idx of a data.Split, listing the n_hist most recent items (default all)."""
         idx, h = np.asarray(idx), slice(-int(n_hist) if n_hist else None, None)
         return self.user_prompt_ids(split.hist[idx][:, h], split.hist_rating[idx][:, h], split.hist_time[idx][:, h],
-                                    split.time[idx])
+                                    split.time[idx], line_ends)
 
     def user_prefix(self):
         """The tokens every user prompt starts with (chat template + instruction, up to the history), found by
@@ -946,16 +968,19 @@ class R2ec:
         desc = " ".join((it.get("description") or "").split())
         return (desc + " " if desc and len(desc.split()) <= 12 else "") + f"Next: {it['title'].strip()}"
 
-    def lm_documents(self, split, idx, n_hist=None):
+    def lm_documents(self, split, idx, n_hist=None, line_ends=False):
         """LM-stage documents of samples idx of a split (train.py passes the TRAIN split only): the R²ec
-        prompt of the history, then the assistant turn '<next item text> <answer>'. -> (token lists, prompt lengths)."""
-        prompts = self.split_prompt_ids(split, idx, n_hist)
+        prompt of the history, then the assistant turn '<next item text> <answer>'. -> (token lists, prompt lengths),
+        + the prompts' line ends (user_prompt_ids) with line_ends=True."""
+        got = self.split_prompt_ids(split, idx, n_hist, line_ends)
+        prompts, ends = got if line_ends else (got, None)
         conts = self._encode([self.next_item_text(split.target[i]) for i in idx])
-        return [p + c + list(self.anchor_ids) for p, c in zip(prompts, conts)], [len(p) for p in prompts]
+        docs = [p + c + list(self.anchor_ids) for p, c in zip(prompts, conts)], [len(p) for p in prompts]
+        return (*docs, ends) if line_ends else docs
 
-    def lm_loss(self, docs, prompt_lens=None):
+    def lm_loss(self, docs, prompt_lens=None, hidden=False):
         """Mean next-token NLL of token lists (right-padded; no [N, L, V] logits: the fused log-prob kernel);
-        with prompt_lens, the first prompt_lens[i] tokens are context only."""
+        with prompt_lens, the first prompt_lens[i] tokens are context only. hidden=True: -> (loss, states [N, L, d])."""
         L = max(len(d) for d in docs)
         ids = torch.full((len(docs), L), self.pad_id, dtype=torch.long)
         loss_mask = torch.zeros(len(docs), L, dtype=torch.bool)
@@ -968,15 +993,17 @@ class R2ec:
         h = self.hidden(ids, am.long(), pos)                                           # [N, L, d]
         m = loss_mask[:, 1:]
         lp = token_logprobs(h[:, :-1][m], self.lm_weight, ids[:, 1:][m], 1.0, impl=self.impl, softcap=self.softcap)
-        return -lp.float().mean()
+        return (-lp.float().mean(), h) if hidden else -lp.float().mean()
 
-    def item_ce(self, prompts, targets, negatives, max_new_tokens=0, exclude=None):
+    def item_ce(self, prompts, targets, negatives, max_new_tokens=0, exclude=None, lines=None):
         """Supervised item loss (with grad) of each target [B]: h_T of the w/o-reasoning form (prompt, then the
         anchor), or with max_new_tokens > 0 after the model's own greedy reasoning (decoded without grad, then one
         forward). The distinct targets + negatives [S] are encoded fresh. exclude=None: softmax cross-entropy
         over those. exclude [B, X] (history ids): over the whole cached table with those masked, the fresh rows
         entering with the table's values and their own gradients (straight-through: no row is told apart by
-        being fresher than the others). -> (loss, cand ids, their fresh embeddings, detached)."""
+        being fresher than the others). lines = (states [K, d], their targets [K], exclude [K, X] or None, w):
+        + w x the same loss of those rows (their targets are encoded too). -> (loss, cand ids, their fresh
+        embeddings, detached)."""
         if max_new_tokens:
             with torch.no_grad():
                 ro, _ = self.decode(prompts, 1, greedy=True, max_new_tokens=max_new_tokens)
@@ -984,15 +1011,19 @@ class R2ec:
         else:
             ids, mask = self.pad_left([p + list(self.anchor_ids) for p in prompts])
             h = F.normalize(self.hidden(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))[:, -1].float(), dim=-1)
-        cand = torch.unique(torch.cat([targets, negatives]))                           # [U] sorted
+        cand = torch.unique(torch.cat([targets, negatives] + ([lines[1].cpu()] if lines else [])))   # [U] sorted
         e = self.encode_items(cand.tolist(), grad=True).to(h.device)                  # [U, d]
-        if exclude is None:
-            loss = F.cross_entropy(h @ e.T / self.tau, torch.searchsorted(cand, targets).to(h.device))
-        else:
+        if exclude is not None:
             E, c = self.table.E.detach(), cand.to(self.table.E.device)
             table = E.index_copy(0, c, E[c] + (e - e.detach()).to(E.dtype))
-            loss = catalog_loss(h.to(E.dtype), table, targets.to(E.device), exclude.to(E.device), tau=self.tau,
-                                impl=self.impl)
+
+        def ce(h, t, ex):
+            if ex is None:
+                return F.cross_entropy(h @ e.T / self.tau, torch.searchsorted(cand, t.cpu()).to(h.device))
+            return catalog_loss(h.to(E.dtype), table, t.to(E.device), ex.to(E.device), tau=self.tau, impl=self.impl)
+        loss = ce(h, targets, exclude)
+        if lines is not None and len(lines[1]):
+            loss = loss + lines[3] * ce(F.normalize(lines[0].float(), dim=-1), lines[1], lines[2])
         return loss, cand, e.detach()
 
     # ---- users: evaluation-time encoding ----
@@ -1226,21 +1257,29 @@ def stage_loss(r, split, cfg, s):
     """The LM stage's loss on its step-s batch of `split` (train.py passes the TRAIN split): the next-token
     loss of lm_documents, + cfg["pretrain_item_weight"] x item_ce of the same samples (cfg["item_negatives"]
     uniform negatives), h_T w/o reasoning, or after greedy reasoning with cfg["pretrain_item_form"] ==
-    "reasoning". Also RecPO's --ptx-coef term. Under torchrun, this process's share of the batch.
+    "reasoning". With cfg["pretrain_line_weight"] w, + w x the item loss at the end of each history line of the
+    prompts (the LM forward's state at its newline; target: the next line's item), SASRec's dense supervision.
+    Also RecPO's --ptx-coef term. Under torchrun, this process's share of the batch.
     -> (loss, lm loss, item loss or None)."""
     B, w_item, n_items = cfg["batch_size"], cfg.get("pretrain_item_weight", 0.0), r.dataset.num_items
+    w_line = cfg.get("pretrain_line_weight", 0.0) if w_item else 0.0
     idx = train_indices(s, B, len(split), cfg["seed"] + 7919)[rank_slice(B)]
-    docs, plen = r.lm_documents(split, idx, cfg["prompt_history"])
-    lm = r.lm_loss(docs)
+    docs, plen, *ends = r.lm_documents(split, idx, cfg["prompt_history"], line_ends=bool(w_line))   # ends: [] or [ends]
+    lm, h = r.lm_loss(docs, hidden=True)
     if not w_item:
         return lm, lm, None
     neg = np.random.default_rng([cfg["seed"], 7919, s]).choice(n_items, min(cfg.get("item_negatives", 128), n_items),
                                                              replace=False)
     full = cfg.get("item_loss") == "full"
     chain = cfg.get("pretrain_item_form") == "reasoning" and not cfg.get("no_reasoning")
+    hist, lines = torch.from_numpy(split.hist[idx]), None
+    rows = [(b, j, t) for b, e in enumerate(ends[0]) for j, t in e] if w_line else []   # (sample, token, next item)
+    if rows:
+        b, j, t = torch.tensor(list(zip(*rows)), dtype=torch.long)
+        lines = (h[b.to(h.device), j.to(h.device)], t, hist[b] if full else None, w_line)
     item, ids, emb = r.item_ce([d[:n] for d, n in zip(docs, plen)], torch.as_tensor(split.target[idx]),
                                torch.from_numpy(neg + 1), cfg["max_new_tokens"] if chain else 0,
-                               torch.from_numpy(split.hist[idx]) if full else None)
+                               hist if full else None, lines)
     if full:
         r.table.update(all_gather(ids.to(emb.device)), all_gather(emb))   # the next steps see the new values
     return lm + w_item * item, lm, item

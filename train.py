@@ -5,10 +5,9 @@
     python train.py --resume out/ml-100k/last          # continue exactly where a run stopped
 
 Stages, like nanochat's base -> RL: a from-scratch tiny backbone learns the data's language from the TRAIN split
-(model.lm_stage: R²ec prompts, then the next item's text; --pretrain-steps), then RecPO. This file is the loop:
-config (presets, validation, resume), build, rollout() and update() of one RL step, evaluation, checkpoints, log,
-the test table. Model operations live in model.py, the objective in recpo.py, the protocol in eval.py, the data in
-data.py. Presets: `paper` (CUDA default), `cpu` (the 10-minute demo; README)."""
+(model.lm_stage: R²ec prompts, then the next item's text; --pretrain-steps), then RecPO. This file is the loop: config
+(presets `paper`, the CUDA default, and `cpu`, the 10-minute demo; validation; resume), build, rollout() and update()
+of one RL step, evaluation, checkpoints, log, the test table. Model operations: model.py; objective: recpo.py."""
 import argparse
 import copy
 import json
@@ -31,7 +30,7 @@ PRESETS = {
                   micro_batch_size=4, embed_lr_mult=1.0, time_budget=0.0, pretrain_steps=0, temperature=2.0, kl_beta=0.0),
     "cpu": dict(prompt_history=8, max_new_tokens=32, val_samples=1000, train_recent=10000, item_loss="sampled",
                 micro_batch_size=32, embed_lr_mult=0.1, time_budget=10.0, pretrain_steps=2000, temperature=1.0,
-                kl_beta=0.1, pretrain_item_weight=1.0),
+                kl_beta=0.1, pretrain_item_weight=1.0, pretrain_line_weight=0.25),
 }
 LR = {"tiny": 2e-3, "hf": 1e-5}   # --lr default by backbone [paper: 1e-5]
 # what a resumed run may not change: it defines the data, the model or the meaning of a step
@@ -74,6 +73,7 @@ def get_parser():
     a("--pretrain-lr", type=F, default=3e-3, help="LM stage: AdamW peak LR")
     a("--pretrain-item-weight", type=F0, default=0.0, help="LM stage: + w x item loss w/o reasoning [cpu: 1]")
     a("--pretrain-item-form", default="prompt", choices=("prompt", "reasoning"), help="... or after greedy reasoning")
+    a("--pretrain-line-weight", type=F0, default=0.0, help="... + w x item loss at each history line's end [cpu: 0.25]")
     a("--pretrain-share", type=U, default=0.35, help="LM stage: the most of --time-budget it may take")
     a("--ptx-coef", type=F0, default=0.0, help="RecPO: + c x the LM stage's loss on its next batch (PPO-ptx)")
     a("--item-warmup", type=I0, default=0, help="first N RecPO steps w/o reasoning (G = 1, item loss only)")
@@ -391,9 +391,8 @@ def train(cfg):
                 stop = f"early stopping: {cfg['patience']} evaluations without a better valid NDCG@10"
                 break
     bar.close()
-    if cfg["eval_every"] and (not state["evals"] or state["evals"][-1]["step"] != step):
-        if not budget or not data.any_rank(left() < 0):
-            run_eval(r, ds, cfg, val_idx, opt, step, state, log, params)
+    if cfg["eval_every"] and (not state["evals"] or state["evals"][-1]["step"] != step) and not (budget and data.any_rank(left() < 0)):
+        run_eval(r, ds, cfg, val_idx, opt, step, state, log, params)
     if not os.path.isdir(state.get("best_dir", "")):   # no evaluation: the last model is the best one
         r.refresh_items(cfg["item_batch_size"])
         state.update(best_dir=os.path.abspath(os.path.join(cfg["out"], "best")), best_step=step)
@@ -402,9 +401,10 @@ def train(cfg):
     print(f"stopped at step {step}: {stop or 'max steps'} | best valid NDCG@10 {state['best']:.4f} at step "
           f"{state['best_step']} | {state['skipped']} steps skipped (non-finite) | {time.time() - t_start:.0f}s so far")
     result = {"best_step": state["best_step"], "best_val_ndcg@10": state["best"], "steps": step, "evals": state["evals"]}
-    if state["best_step"] == 0 or step < 2 * cfg["warmup_steps"]:
-        print(f"warning: the best checkpoint is from step {state['best_step']} of {step}: essentially untrained; the "
-              f"numbers below are not a trained model's (a longer --time-budget or a less busy machine helps)")
+    if (b := state["best_step"]) == 0 or step < 2 * cfg["warmup_steps"]:   # with a stage: its model, or barely more
+        print(f"warning: the best checkpoint is from RecPO step {b} of {step}: " + ("the LM stage's model, never beaten on "
+              "valid" if "pretrain" in state and not b else "essentially untrained" + " by RecPO" * ("pretrain" in state))
+              + "; the numbers below are not a RecPO-trained model's (a longer --time-budget or a less busy machine helps)")
     if not cfg["no_test"]:
         m, tm, rows = ev.evaluate_checkpoint(state["best_dir"], ds, "test", cfg["device"], cfg["eval_batch_size"],
                                              f"R2ec (best, step {state['best_step']})", not cfg["quiet"],

@@ -49,6 +49,9 @@ def test_lm_corpus_has_no_valid_or_test_target(tmp_path, monkeypatch):
         assert it["title"] not in text and it["description"].split()[-1] not in text, it
     for i in set(ds.train.target.tolist()):   # positive control: train targets are what the reasoning learns
         assert f"Next: {ds.items[i]['title']}" in text
+    ends = r.lm_documents(ds.train, np.arange(len(ds.train)), cfg["prompt_history"], line_ends=True)[2]
+    line_targets = {t for e in ends for _, t in e}   # --pretrain-line-weight's targets: items of train histories
+    assert len(line_targets) >= 15 and not line_targets & held
     # each document: its sample's prompt, then the next item's text and the anchor
     k = len(ds.train) - 1
     assert docs[k][:plens[k]] == r.split_prompt_ids(ds.train, [k], cfg["prompt_history"])[0]
@@ -79,11 +82,13 @@ def test_lm_stage_learns_the_next_item_text(tmp_path):
     assert sum(t.endswith(M.ANCHOR) and "Next: " in t for t in texts) >= 6, texts
 
 
-def test_train_runs_records_and_skips_the_stage(tmp_path):
+def test_train_runs_records_and_skips_the_stage(tmp_path, capsys):
     """--pretrain-steps N: the stage runs before RecPO, logs its loss, is kept in the checkpoint's state;
-    --pretrain-steps 0 skips it; a resumed run does not run it again; --item-warmup N: N steps without reasoning."""
+    --pretrain-steps 0 skips it; a resumed run does not run it again; --item-warmup N: N steps without reasoning.
+    Runs too short for RecPO warn that their best checkpoint is barely trained by it (or at all, with no stage)."""
     res, cfg = run(tmp_path, "--pretrain-steps", "6", "--max-steps", "2", "--eval-every", "0", "--kernels", "torch",
                    "--item-warmup", "1", name="a")
+    assert "warning: the best checkpoint is from RecPO step 2 of 2: essentially untrained by RecPO;" in capsys.readouterr().out
     # --item-warmup 1: the first RecPO step has no reasoning (G = 1), the second the G chains
     assert res["log"][0]["completions/mean_length"] == 0 < res["log"][1]["completions/mean_length"]
     recs = [json.loads(x) for x in open(os.path.join(cfg["out"], "log.jsonl"))]
@@ -94,7 +99,9 @@ def test_train_runs_records_and_skips_the_stage(tmp_path):
     res2, cfg2 = run(tmp_path, "--resume", os.path.join(cfg["out"], "last"), "--max-steps", "3", name="a")
     recs2 = [json.loads(x) for x in open(os.path.join(cfg["out"], "log.jsonl"))][len(recs):]
     assert res2["steps"] == 3 and not any("seconds" in x and "loss" in x for x in recs2)
+    capsys.readouterr()
     _, cfg0 = run(tmp_path, "--pretrain-steps", "0", "--max-steps", "1", "--eval-every", "0", name="b")
+    assert "from RecPO step 1 of 1: essentially untrained; the numbers" in capsys.readouterr().out
     assert not any("lm_step" in x or "loss" in x and "seconds" in x
                    for x in map(json.loads, open(os.path.join(cfg0["out"], "log.jsonl"))))
 
@@ -182,3 +189,57 @@ def test_full_catalog_item_ce_is_straight_through(small_model):
     assert E.grad[cand].abs().sum() > 0 and sum(float(g.abs().sum()) for g in got) > 0
     r.model.zero_grad()
     r.table.E.copy_(E0)
+
+
+def test_line_ends_mark_each_history_line_and_its_next_item(small_model):
+    """user_prompt_ids(line_ends=True): for every history line but the last, the token holding the newline that ends
+    it and the item of the line after it, also when --max-prompt-len drops the oldest lines; the ids are unchanged."""
+    r, ds = small_model
+    idx = np.arange(len(ds.train))[-40:]
+    cap, r.max_prompt_len = r.max_prompt_len, int(np.median([len(p) for p in r.split_prompt_ids(ds.train, idx, 8)]))
+    try:   # about half the prompts lose their oldest lines
+        plain = r.split_prompt_ids(ds.train, idx, 8)
+        prompts, ends = r.split_prompt_ids(ds.train, idx, 8, line_ends=True)
+    finally:
+        r.max_prompt_len = cap
+    assert prompts == plain
+    n_cut = 0
+    for b, (p, e) in enumerate(zip(prompts, ends)):
+        hist, text = [int(i) for i in ds.train.hist[idx[b]] if i], r.tok.decode(p)
+        kept = sum(f"[{ds.titles[i]}]" in text for i in set(hist))   # the synthetic titles are distinct
+        n_cut += kept < len(hist)
+        assert len(e) == kept - 1 and [t for _, t in e] == hist[len(hist) - kept + 1:], (e, hist, kept)
+        for j, t in e:
+            assert r.tok.decode([p[j]]) == "\n"
+            assert f"[{ds.titles[t]}]" in r.tok.decode(p[j + 1:]).split("\n")[0]
+    assert 5 <= n_cut < 40, n_cut
+
+
+def test_line_item_loss_matches_states_computed_one_prefix_at_a_time(small_model):
+    """stage_loss with --pretrain-line-weight w: its item loss = the anchor form's cross-entropy + w x the
+    cross-entropy, over the same fresh candidates, of each line end's state (taken from the LM forward), each
+    checked against the state of that prefix of the prompt run alone; w = 0: the anchor form alone."""
+    r, ds = small_model
+    cfg = T.resolve_config(SMALL + ["--item-negatives", "7", "--prompt-history", "6"])
+    s, w = 4, 0.7
+    idx = data.train_indices(s, cfg["batch_size"], len(ds.train), cfg["seed"] + 7919)
+    neg = np.random.default_rng([cfg["seed"], 7919, s]).choice(ds.num_items, 7, replace=False) + 1
+    prompts, ends = r.split_prompt_ids(ds.train, idx, 6, line_ends=True)
+    rows = [(b, j, t) for b, e in enumerate(ends) for j, t in e]
+    assert len(rows) >= 20
+    with torch.no_grad():
+        got = {v: M.stage_loss(r, ds.train, {**cfg, "pretrain_line_weight": v}, s)[2].item() for v in (0.0, w)}
+        one = lambda ids: r.hidden(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),  # noqa: E731
+                                   torch.arange(len(ids))[None])[0, -1]
+        h_T = torch.stack([one(p + list(r.anchor_ids)) for p in prompts])
+        h_line = torch.stack([one(prompts[b][:j + 1]) for b, j, _ in rows])
+
+        def ce(h, t, cand):
+            logp = torch.log_softmax(torch.nn.functional.normalize(h.float(), dim=-1) @ r.encode_items(cand).T / r.tau, 1)
+            return -logp[torch.arange(len(t)), [cand.index(int(x)) for x in t]].mean().item()
+        tgt = ds.train.target[idx]
+        c0 = sorted(set(tgt.tolist()) | set(neg.tolist()))
+        c1 = sorted(set(c0) | {t for _, _, t in rows})
+        want = {0.0: ce(h_T, tgt, c0), w: ce(h_T, tgt, c1) + w * ce(h_line, [t for _, _, t in rows], c1)}
+    for v in (0.0, w):
+        assert abs(got[v] - want[v]) < 1e-4, (v, got, want)
