@@ -188,6 +188,14 @@ def test_full_catalog_item_ce_is_straight_through(small_model):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
     assert E.grad[cand].abs().sum() > 0 and sum(float(g.abs().sum()) for g in got) > 0
     r.model.zero_grad()
+    with torch.no_grad():   # + line rows (--pretrain-line-weight): the same masked softmax over the table's values
+        hl, tl, xl = torch.randn(5, h.shape[1]), torch.tensor([4, 9, 9, 30, 77]), hist[[0, 1, 2, 3, 4]]
+        both = r.item_ce(prompts, tgt, neg, 0, hist, (hl, tl, xl, 0.3))[0].item()
+        s = torch.nn.functional.normalize(hl, dim=-1) @ r.table.E.T / r.tau
+        ml = torch.zeros_like(s, dtype=torch.bool).scatter_(1, xl, True)
+        ml[:, 0], ml[torch.arange(5), tl] = True, False
+        line = -torch.log_softmax(s.masked_fill(ml, float("-inf")), 1)[torch.arange(5), tl].mean()
+    assert abs(both - (want.item() + 0.3 * line.item())) < 1e-4, (both, want.item(), line.item())
     r.table.E.copy_(E0)
 
 
