@@ -559,7 +559,8 @@ def sample_next(logits, temperature=1.0, greedy=False, top_k=0, u=None):
     """One decoding step: logits [N, V] fp32 -> (token [N], its log-prob [N]). The log-prob is taken
     under the full tempered softmax (no top-k truncation), which is what forward_both recomputes.
     Sampling inverts the CDF of softmax(z / T) (over the top k) at u [N] in [0, 1): the caller owns the
-    noise, so a row's token depends on its own logits and uniform only, never on the rest of the batch."""
+    noise, so a row's token depends on its own logits and uniform only, never on the rest of the batch; a row
+    whose u is negative takes the argmax (decode(greedy_first=True))."""
     # a NaN model must not crash the run (update() then skips its steps and stops it): NaN -> uniform
     z = torch.nan_to_num(logits / max(temperature, 1e-6), nan=0.0)   # [N, V]
     logp_all = torch.log_softmax(z, -1)
@@ -570,6 +571,7 @@ def sample_next(logits, temperature=1.0, greedy=False, top_k=0, u=None):
         cdf = (z if top is None else top.values).double().softmax(-1).cumsum(-1)   # [N, k|V] fp64: no drift
         j = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[1] - 1)
         tok = (j if top is None else top.indices.gather(1, j)).squeeze(1)
+        tok = torch.where(u < 0, z.argmax(-1), tok)
     return tok, logp_all.gather(1, tok[:, None]).squeeze(1)
 
 
@@ -768,7 +770,8 @@ class R2ec:
                     cut=torch.tensor(cut, device=dev), prompt_len=P)
 
     @torch.no_grad()
-    def decode(self, prompts, G=1, greedy=True, temperature=1.0, top_k=0, max_new_tokens=640, seed=0, first=0):
+    def decode(self, prompts, G=1, greedy=True, temperature=1.0, top_k=0, max_new_tokens=640, seed=0, first=0,
+               greedy_first=False):
         """Reasoning for B prompts (G chains each, group members adjacent) and h_T, in ONE cached pass.
 
         The prompts are encoded once (the template prefix they share once for all) and their KV cache
@@ -779,7 +782,8 @@ class R2ec:
         end. max_new_tokens=0 is the w/o-reasoning variant (anchor right after the prompt).
         Sampling noise: chain g of prompt b draws its uniforms from the seed [*seed, first + b, g] (seed: an
         int or a tuple of ints; first: the position of prompts[0] in a larger batch), so a chain is the
-        same whatever batch, process (torchrun) or micro-batch split it is decoded in.
+        same whatever batch, process (torchrun) or micro-batch split it is decoded in. greedy_first: chain 0 of
+        each group is the greedy one (what evaluation reads), the G - 1 others sampled.
         Returns (rollout dict, h_T [B*G, d] fp32 L2-normalised). Rollout dict: input_ids [N,L] int64
         (prompt LEFT-padded | completion RIGHT-padded), attention_mask [N,L], completion_mask [N,L] bool
         (reasoning + anchor), sampled_mask [N,L] bool (tokens actually sampled), old_logp [N,L] fp32
@@ -804,6 +808,8 @@ class R2ec:
         seeds = [seed] if isinstance(seed, int) else list(seed)
         noise = None if greedy else torch.from_numpy(np.stack(   # [N, max_new_tokens] fp64, one stream per chain
             [np.random.default_rng(seeds + [first + i // G, i % G]).random(max_new_tokens) for i in range(N)])).to(dev)
+        if greedy_first and noise is not None:
+            noise[::G] = -1.0                                                      # sample_next: u < 0 -> argmax
         closes, tail = self._closes_anchor(), len(ANCHOR) + 2
         comps, lps = [[] for _ in range(N)], [[] for _ in range(N)]
         done, hit = [False] * N, [False] * N

@@ -48,6 +48,8 @@ Departures from the paper / the authors' reference code, and why
     which an in-batch softmax divides out); "full", the whole cached table (the fused catalog kernel).
 11. With --relabel-topk >= 2 a selected chain can have a negative advantage, which would push π(v⁺)
     *down*; the reference's summed advantages never do. We clamp the selected advantages at 0.
+12. Optional (`weighting="uniform"`): the selected rows' item loss as a plain cross-entropy, each row weight 1. The
+    paper's A⁺/B gives a user ~A⁺/G of a w/o-reasoning user's item gradient, and none in a group of equal rewards.
 """
 import torch
 import torch.nn.functional as F
@@ -101,8 +103,7 @@ def compute_advantages(rewards, G, kind="gaussian", eps=1e-8):
     if G == 1:   # the w/o-reasoning ablation: nothing to compare in a group; every chain gets A = 1
         return torch.ones_like(rewards, dtype=torch.float32), 0.0
     if G < 2 or rewards.numel() % G:
-        raise ValueError(f"need G >= 2 dividing the number of rewards, got G={G} for "
-                         f"{rewards.numel()} rewards")
+        raise ValueError(f"need G >= 2 dividing the number of rewards, got G={G} for {rewards.numel()} rewards")
     R = rewards.float().view(-1, G)                                  # [B, G]
     mean = R.mean(1, keepdim=True)                                   # [B, 1]
     if kind == "gaussian":
@@ -157,9 +158,7 @@ def token_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28, loss_type=
     Returns (scalar loss, stats dict of floats).
     """
     _check("loss_type", loss_type, LOSS_TYPES)
-    m = mask.bool()
-    mf = m.float()
-    logp = logp.float()
+    m, mf, logp = mask.bool(), mask.bool().float(), logp.float()
     old = logp.detach() if old_logp is None else old_logp.detach().float()
     adv = adv.detach().float()
     ratio = torch.exp((logp - old).masked_fill(~m, 0.0))             # [B, L]; padding -> 1, never inf
@@ -175,8 +174,7 @@ def token_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28, loss_type=
     n = mf.sum().clamp(min=1)
     clip_low, clip_high = _clip_fractions(ratio.detach(), adv, m, eps_low, eps_high)
     stats = {"token_loss": loss.item(), "clip_low": clip_low, "clip_high": clip_high,
-             "ratio_mean": ((ratio.detach() * mf).sum() / n).item(),
-             "num_tokens": int(mf.sum().item())}
+             "ratio_mean": ((ratio.detach() * mf).sum() / n).item(), "num_tokens": int(mf.sum().item())}
     if kl is not None:
         stats["kl"] = ((kl.detach() * mf).sum() / n).item()
     if entropy is not None:
@@ -236,19 +234,20 @@ def item_logprobs(h_T, item_emb, targets, tau, mode="inbatch", E=None, exclude=N
 
 
 def select_rows(adv, G, topk=1):
-    """Rows [n = B/G * k] of the top-k trajectories by advantage in each group of G (sorted)."""
+    """Rows [n = B/G * k] of the top-k trajectories by advantage in each group of G (sorted); topk 0: all G."""
     A = adv.detach().float().view(-1, G)                             # [B/G, G]
     offs = torch.arange(0, A.numel(), G, device=A.device)[:, None]   # [B/G, 1] first row of a group
-    return (A.topk(min(topk, G), dim=1).indices + offs).flatten().sort().values
+    return (A.topk(min(topk or G, G), dim=1).indices + offs).flatten().sort().values
 
 
 def item_loss(h_T, item_emb, targets, adv, old_logp_item, G, topk=1, tau=0.02, eps_low=0.2,
               eps_high=0.28, mode="inbatch", E=None, exclude=None, reference_broadcast=False,
-              impl="auto", negatives=None):
+              impl="auto", negatives=None, weighting="advantage"):
     """Clipped surrogate on the item action of the top-`topk` trajectories (by advantage) per group.
 
     Shapes as in item_logprobs; adv [B], old_logp_item [B] (π_old of the item action, None: ratio 1).
-    Loss = sum over selected rows of -min(r·A⁺, clip(r)·A⁺) with A⁺ = max(A, 0), divided by B.
+    weighting "advantage" [paper]: sum over selected rows of -min(r·A⁺, clip(r)·A⁺), A⁺ = max(A, 0), / B;
+    "uniform" (departure 12): A⁺ -> 1 and the mean over the selected rows, a plain cross-entropy on them.
     Returns (scalar loss, stats dict of floats; item_logp is the mean log π(v⁺) of the selected rows).
     """
     B = h_T.shape[0]
@@ -260,17 +259,16 @@ def item_loss(h_T, item_emb, targets, adv, old_logp_item, G, topk=1, tau=0.02, e
         rows_used = torch.arange(B, device=A.device)
         a = torch.zeros(B, device=A.device).index_copy(0, rows, A[rows])   # [B]
     else:   # departure 11: a selected chain never pushes away from the true item
-        rows_used, a = rows, A[rows].clamp(min=0)                    # [n], [n]
+        rows_used, a = rows, A[rows].clamp(min=0) if weighting == "advantage" else torch.ones_like(A[rows])
     logp = item_logprobs(h_T, item_emb, targets, tau, mode, E, exclude, rows_used, impl, negatives)  # [n]
     old = logp.detach() if old_logp_item is None else old_logp_item.detach().float()[rows_used]
     ratio = torch.exp(logp - old)[:, None]                           # [n, 1]
     per_row = _surrogate(ratio, a, eps_low, eps_high, reference_broadcast)   # [n,1] | [B,B,1]
-    loss = per_row.mean() if reference_broadcast else per_row.sum() / B
+    loss = per_row.mean() if reference_broadcast or weighting == "uniform" else per_row.sum() / B
     ones = torch.ones_like(ratio, dtype=torch.bool)
     clip_low, clip_high = _clip_fractions(ratio.detach(), a, ones, eps_low, eps_high)
     sel = logp.detach()[torch.isin(rows_used, rows)] if reference_broadcast else logp.detach()
-    stats = {"item_loss": loss.item(), "item_logp": sel.mean().item(),
-             "item_ratio_mean": ratio.detach().mean().item(),
+    stats = {"item_loss": loss.item(), "item_logp": sel.mean().item(), "item_ratio_mean": ratio.detach().mean().item(),
              "item_clip_low": clip_low, "item_clip_high": clip_high}
     return loss, stats
 

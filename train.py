@@ -30,7 +30,8 @@ PRESETS = {
                   micro_batch_size=4, embed_lr_mult=1.0, time_budget=0.0, pretrain_steps=0, temperature=2.0, kl_beta=0.0),
     "cpu": dict(prompt_history=8, max_new_tokens=32, val_samples=1000, train_recent=10000, item_loss="sampled",
                 micro_batch_size=32, embed_lr_mult=0.1, time_budget=10.0, pretrain_steps=2000, temperature=1.0,
-                kl_beta=0.1, pretrain_item_weight=1.0),
+                kl_beta=0.1, pretrain_item_weight=1.0, item_weighting="uniform", relabel_topk=0, cut_penalty=0.1,
+                greedy_chain=True),
 }
 LR = {"tiny": 2e-3, "hf": 1e-5}   # --lr default by backbone [paper: 1e-5]
 # what a resumed run may not change: it defines the data, the model or the meaning of a step
@@ -81,6 +82,7 @@ def get_parser():
     a("--num-generations", type=I, default=4, help="reasoning chains per user, G >= 2 [paper: 4]")
     a("--temperature", type=F, help="sampling temperature of rollouts [paper: 2.0; cpu: 1.0]")
     a("--top-k", type=I0, default=50, help="top-k sampling of rollouts, 0 = off [paper: 50]")
+    a("--greedy-chain", action=argparse.BooleanOptionalAction, default=False, help="chain 0 of a group greedy [cpu: yes]")
     a("--logp-temperature", type=F, help="temperature of the token log-probs in the loss (and of the KL) [paper's "
       "reference code, as TRL: = --temperature, the default]; ratio and clipping use the same one")
     a("--max-new-tokens", type=I0, help="reasoning token limit, train and eval [paper: 640; cpu: 32]")
@@ -89,6 +91,7 @@ def get_parser():
     a("--reward", default="mix", choices=recpo.REWARD_KINDS, help="ndcg: R_d, softmax: R_c, mix [paper: mix]")
     a("--reward-k", type=I, default=1000, help="R_d = 1/log2(r+2) if rank r < k else 0 [paper: 1000]")
     a("--reward-beta", type=U, default=0.05, help="mix: (1 - beta) R_d + beta R_c [paper: 0.05]")
+    a("--cut-penalty", type=F0, default=0.0, help="reward - p for a chain cut at the cap before <answer> [paper: 0]")
     a("--advantage", default="gaussian", choices=recpo.ADVANTAGE_KINDS, help="z-score in the group [paper] or loo")
     a("--loss-type", default="token-mean", choices=recpo.LOSS_TYPES, help="token loss aggregation [paper: token-mean]")
     a("--clip-low", type=U, default=0.2, help="PPO clip epsilon below 1 [paper: 0.2]")
@@ -96,7 +99,8 @@ def get_parser():
     a("--item-loss", choices=recpo.ITEM_LOSS_MODES, help="item softmax over: the batch's targets [paper: inbatch], "
       "+ uniform negatives [cpu: sampled], or the cached table (full)")
     a("--item-negatives", type=I, default=128, help="sampled item loss: uniform items per step, encoded with grad")
-    a("--relabel-topk", type=I, default=1, help="item loss on the top-k chains per group [paper: 1; its script: 2]")
+    a("--relabel-topk", type=I0, default=1, help="item loss on the top-k chains per group, 0 = all [paper: 1; its script: 2]")
+    a("--item-weighting", default="advantage", choices=("advantage", "uniform"), help="x A / B [paper] or CE (recpo.py 12.)")
     a("--kl-beta", type=F0, help="k3 KL to a frozen copy of the model RecPO starts (or resumes) from [paper: 0; cpu: 0.1]")
     a("--reference-broadcast", action="store_true", help="ablation: the reference code's defect (recpo.py, 1.)")
     # optimization
@@ -116,8 +120,7 @@ def get_parser():
     a("--item-refresh", type=I, default=20, help="re-encode the full item table every N steps (and before eval)")
     a("--item-batch-size", type=I, default=256, help="batch size of item table encoding")
     a("--eval-every", type=I0, default=100, help="evaluate on valid every N steps (0: only at the end)")
-    a("--val-samples", type=lambda t: 0 if t == "all" else I0(t), help="valid subset for model selection "
-      "[paper: all; cpu: 1000]")
+    a("--val-samples", type=lambda t: 0 if t == "all" else I0(t), help="valid subset for selection [paper: all; cpu: 1000]")
     a("--eval-batch-size", type=I, default=256, help="users per greedy-reasoning batch at evaluation")
     a("--patience", type=I0, default=5, help="stop after N evaluations without a better valid NDCG@10 (0 = never)")
     a("--no-test", action="store_true", help="skip the final test evaluation")
@@ -213,7 +216,7 @@ def rollout(r, ds, cfg, step, ref=None, ph=None):
         ro, h_T = r.decode(r.split_prompt_ids(tr, idx, cfg["prompt_history"]), G, greedy=False,
                            temperature=cfg["temperature"], top_k=cfg["top_k"],
                            max_new_tokens=0 if cfg["no_reasoning"] else cfg["max_new_tokens"],
-                           seed=(cfg["seed"], step), first=mine.start)                 # h_T [b*G, d]
+                           seed=(cfg["seed"], step), first=mine.start, greedy_first=cfg["greedy_chain"])   # [b*G, d]
         mb, n = cfg["micro_batch_size"] * G, len(idx) * G
         chunks = [M.slice_rollout(ro, torch.arange(s, min(s + mb, n), device=r.device)) for s in range(0, n, mb)]
         for c in chunks if ref is not None else []:   # frozen initial model, for the k3 KL
@@ -222,6 +225,7 @@ def rollout(r, ds, cfg, step, ref=None, ph=None):
     with ph("reward"):
         rw = recpo.compute_rewards(h_T, r.table.E, targets, hist, cfg["tau"], cfg["reward_k"], cfg["reward_beta"],
                                    cfg["reward"], impl=cfg["kernels"])
+        rw["reward"] = rw["reward"] - cfg["cut_penalty"] * ro["cut"].float() * (G > 1)   # a format reward (README)
         adv, frac0 = recpo.compute_advantages(rw["reward"], G, cfg["advantage"])       # [b*G]
     step_rows = (*data.all_gather((rw, adv)), data.all_reduce({"f": frac0})["f"] / data.world(),   # for the log: all
                  data.all_gather({k: ro[k] for k in ("sampled_mask", "attention_mask", "cut")}))   # processes' rows
@@ -251,8 +255,7 @@ def update(r, cfg, batch, opt, params, lr, ph=None):
                 emb = r.encode_items(ids.tolist(), grad=True, batch_size=cfg["item_batch_size"])  # [u(+S), d]
             writes.append((ids, emb.detach()))
             neg = None if batch["neg"] is None else (ids[len(uniq):], emb[len(uniq):])
-            kw = dict(tau=cfg["tau"], mode=cfg["item_loss"], E=r.table.E, exclude=excl, impl=cfg["kernels"],
-                      negatives=neg)
+            kw = dict(tau=cfg["tau"], mode=cfg["item_loss"], E=r.table.E, exclude=excl, impl=cfg["kernels"], negatives=neg)
             with ph("losses"):
                 if cfg["num_iterations"] > 1 and it == 0:   # pi_old on the update's own numerical path
                     with torch.no_grad():
@@ -262,7 +265,7 @@ def update(r, cfg, batch, opt, params, lr, ph=None):
                                           cfg["clip_low"], cfg["clip_high"], cfg["loss_type"], cfg["max_new_tokens"],
                                           c.get("ref_logp"), cfg["kl_beta"], cfg["reference_broadcast"], ent)
                 il, is_ = recpo.item_loss(h_T, emb[inv], tgt, a, old[ci][1] if old else None, G, cfg["relabel_topk"],
-                                          eps_low=cfg["clip_low"], eps_high=cfg["clip_high"],
+                                          eps_low=cfg["clip_low"], eps_high=cfg["clip_high"], weighting=cfg["item_weighting"],
                                           reference_broadcast=cfg["reference_broadcast"], **kw)
             w = len(c["rows"]) / n_rows   # gradient accumulation: micro-batch losses weighted by their share
             with ph("backward"):
@@ -322,8 +325,7 @@ def optimizer(r, params, cfg, saved):
     state = {"best": -1.0, "best_step": -1, "bad_evals": 0, "evals": [], "skipped": 0}
     if saved is None:
         return opt, state, 0
-    opt.load_state_dict(saved["optimizer"])
-    M.set_rng_state(saved["rng"])
+    opt.load_state_dict(saved["optimizer"]), M.set_rng_state(saved["rng"])
     return opt, {**state, **saved["state"]}, saved["step"]
 
 

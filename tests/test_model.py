@@ -272,6 +272,22 @@ def test_sampling_reproducible_from_seed(built, device):
     assert not torch.equal(a["input_ids"][1, :P], a["input_ids"][2, :P])
 
 
+def test_greedy_first_chain_is_the_greedy_decode(built, device):
+    """decode(greedy_first=True): chain 0 of each group is exactly the greedy decode of its prompt, and the
+    other chains are exactly the sampled ones of the same seed without it."""
+    r = make(built, device)
+    prompts = r.split_prompt_ids(built[0].valid, [4, 5, 7])
+    kw = dict(G=3, greedy=False, temperature=2.0, top_k=50, max_new_tokens=6, seed=7)
+    mixed, h_mixed = r.decode(prompts, greedy_first=True, **kw)
+    sampled, _ = r.decode(prompts, **kw)
+    greedy, h_greedy = r.decode(prompts, greedy=True, max_new_tokens=6)
+    texts, s_texts, g_texts = (r.decode_completions(x) for x in (mixed, sampled, greedy))
+    assert [texts[i] for i in (0, 3, 6)] == g_texts
+    assert [texts[i] for i in (1, 2, 4, 5, 7, 8)] == [s_texts[i] for i in (1, 2, 4, 5, 7, 8)]
+    assert [s_texts[i] for i in (0, 3, 6)] != g_texts                 # at T = 2 sampling differs from greedy
+    torch.testing.assert_close(h_mixed[::3], h_greedy, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- item table
 
 def test_item_encoding_independent_of_batch_and_order(built, device):

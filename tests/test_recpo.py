@@ -276,3 +276,28 @@ def test_relabel_topk_never_pushes_away_from_the_target():
     ref, _ = item_loss(h, e, t, adv, None, G=3, topk=2, tau=0.1, reference_broadcast=True)
     ref.backward()
     assert h.grad.abs().sum() > 0                              # the ablation keeps the reference's behaviour
+
+
+def test_uniform_item_weighting_is_cross_entropy_of_the_selected_rows():
+    """weighting="uniform": the item loss's gradient is that of the mean in-batch cross-entropy over the top-k rows
+    of each group, whatever their advantages (negative or zero included), on irregular shapes."""
+    torch.manual_seed(3)
+    G, B = 3, 15
+    h = torch.randn(B, 7, requires_grad=True)
+    e = torch.randn(B, 7)
+    t = torch.randint(1, 6, (B,))
+    e = e[torch.unique(t, return_inverse=True)[1]]                  # rows with the same target hold the same item
+    adv = torch.randn(B)
+    adv[3:6] = 0.0                                                  # a group of equal rewards still learns
+    for k in (1, 2, 3, 0):                                          # 0: all G chains
+        loss, _ = item_loss(h, e, t, adv, None, G=G, topk=k, tau=0.1, weighting="uniform")
+        rows = adv.view(-1, G).topk(k or G, 1).indices + torch.arange(0, B, G)[:, None]
+        rows = rows.flatten().sort().values
+        uniq, inv = torch.unique(t, return_inverse=True)
+        first = torch.tensor([int((t == u).nonzero()[0]) for u in uniq])
+        hn, en = torch.nn.functional.normalize(h, dim=-1), torch.nn.functional.normalize(e[first], dim=-1)
+        ref = torch.nn.functional.cross_entropy(hn[rows] @ en.T / 0.1, inv[rows])
+        # with ratio 1 the surrogate's value is -1, its gradient the cross-entropy's
+        torch.testing.assert_close(torch.autograd.grad(loss, h)[0], torch.autograd.grad(ref, h)[0])
+    g = torch.autograd.grad(item_loss(h, e, t, adv, None, G=G, topk=0, tau=0.1, weighting="uniform")[0], h)[0]
+    assert (g.abs().sum(1) > 0).all()                               # every chain of every group learns

@@ -303,3 +303,27 @@ def test_unseen_architecture_trains_and_answers(small_model, tmp_path, capsys):
     ev.main(["--ckpt", os.path.join(cfg["out"], "last"), "--history", "1 | 2 | 3", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "reasoning" in out.lower() and out.count("\n") >= 10, out
+
+
+def test_cut_penalty_is_a_format_reward(small_model, monkeypatch):
+    """--cut-penalty p: the same rollout (same seeds) with p > 0 lowers the reward of exactly the chains cut at
+    the cap by p, so the advantages change; without reasoning (no chains) it changes nothing."""
+    r, ds = small_model
+    decode = r.decode
+
+    def some_cut(*a, **k):   # the random backbone never writes the anchor: mark every third row as cut
+        ro, h_T = decode(*a, **k)
+        return {**ro, "cut": torch.arange(len(ro["cut"])) % 3 == 0}, h_T
+    monkeypatch.setattr(r, "decode", some_cut)
+    out = {}
+    for nr in (False, True):
+        for p in (0.0, 0.3):
+            cfg = T.resolve_config(SMALL + ["--cut-penalty", str(p), "--max-new-tokens", "3"]
+                                   + ["--no-reasoning"] * nr)
+            out[nr, p] = T.rollout(r, ds, cfg, step=2)
+    a, b = out[False, 0.0], out[False, 0.3]
+    cut = a["ro"]["cut"].float()
+    assert 0 < cut.mean() < 1, cut                                 # some chains wrote the anchor, some were cut
+    torch.testing.assert_close(b["rw"]["reward"], a["rw"]["reward"] - 0.3 * cut)
+    assert not torch.equal(a["adv"], b["adv"])
+    torch.testing.assert_close(out[True, 0.3]["rw"]["reward"], out[True, 0.0]["rw"]["reward"])
