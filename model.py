@@ -984,22 +984,27 @@ class R2ec:
         docs = [p + c + list(self.anchor_ids) for p, c in zip(prompts, conts)], [len(p) for p in prompts]
         return (*docs, ends) if line_ends else docs
 
-    def lm_loss(self, docs, prompt_lens=None, hidden=False):
+    def lm_loss(self, docs, prompt_lens=None, hidden=False, prompt_weight=0.0):
         """Mean next-token NLL of token lists (right-padded; no [N, L, V] logits: the fused log-prob kernel);
-        with prompt_lens, the first prompt_lens[i] tokens are context only. hidden=True: -> (loss, states [N, L, d])."""
+        with prompt_lens, the first prompt_lens[i] tokens weigh prompt_weight (0: context only) and the rest 1,
+        a weighted mean. hidden=True: -> (loss, states [N, L, d])."""
         L = max(len(d) for d in docs)
         ids = torch.full((len(docs), L), self.pad_id, dtype=torch.long)
-        loss_mask = torch.zeros(len(docs), L, dtype=torch.bool)
+        weight = torch.zeros(len(docs), L)
         for i, d in enumerate(docs):
             ids[i, :len(d)] = torch.tensor(d)
-            loss_mask[i, (prompt_lens[i] if prompt_lens else 1):len(d)] = True
-        ids, loss_mask = ids.to(self.device), loss_mask.to(self.device)
+            weight[i, 1:len(d)] = prompt_weight if prompt_lens else 1.0
+            weight[i, (prompt_lens[i] if prompt_lens else 1):len(d)] = 1.0
+        loss_mask = weight > 0
+        ids, loss_mask, weight = ids.to(self.device), loss_mask.to(self.device), weight.to(self.device)
         am = (torch.arange(L, device=self.device)[None] < torch.tensor([len(d) for d in docs], device=self.device)[:, None])
         pos = torch.arange(L, device=self.device)[None].expand(len(docs), L)
         h = self.hidden(ids, am.long(), pos)                                           # [N, L, d]
         m = loss_mask[:, 1:]
         lp = token_logprobs(h[:, :-1][m], self.lm_weight, ids[:, 1:][m], 1.0, impl=self.impl, softcap=self.softcap)
-        return (-lp.float().mean(), h) if hidden else -lp.float().mean()
+        w = weight[:, 1:][m]
+        nll = -(lp.float() * w).sum() / w.sum()
+        return (nll, h) if hidden else nll
 
     def item_ce(self, prompts, targets, negatives, max_new_tokens=0, exclude=None, lines=None):
         """Supervised item loss (with grad) of each target [B]: h_T of the w/o-reasoning form (prompt, then the
@@ -1261,7 +1266,8 @@ def load_checkpoint(path, device="cpu", dtype=None, dataset=None):
 
 def stage_loss(r, split, cfg, s):
     """The LM stage's loss on its step-s batch of `split` (train.py passes the TRAIN split): the next-token
-    loss of lm_documents, + cfg["pretrain_item_weight"] x item_ce of the same samples (cfg["item_negatives"]
+    loss of lm_documents (prompt tokens weighted cfg["pretrain_prompt_weight"], the assistant turn 1; logged
+    as that weighted mean), + cfg["pretrain_item_weight"] x item_ce of the same samples (cfg["item_negatives"]
     uniform negatives), h_T w/o reasoning, or after greedy reasoning with cfg["pretrain_item_form"] ==
     "reasoning". With cfg["pretrain_line_weight"] w, + w x the item loss at the end of each history line of the
     prompts (the LM forward's state at its newline; target: the next line's item), SASRec's dense supervision.
@@ -1271,7 +1277,7 @@ def stage_loss(r, split, cfg, s):
     w_line = cfg.get("pretrain_line_weight", 0.0) if w_item else 0.0
     idx = train_indices(s, B, len(split), cfg["seed"] + 7919)[rank_slice(B)]
     docs, plen, *ends = r.lm_documents(split, idx, cfg["prompt_history"], line_ends=bool(w_line))   # ends: [] or [ends]
-    lm, h = r.lm_loss(docs, hidden=True)
+    lm, h = r.lm_loss(docs, plen, hidden=True, prompt_weight=cfg.get("pretrain_prompt_weight", 1.0))
     if not w_item:
         return lm, lm, None
     neg = np.random.default_rng([cfg["seed"], 7919, s]).choice(n_items, min(cfg.get("item_negatives", 128), n_items),

@@ -158,9 +158,8 @@ def token_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28, loss_type=
     Returns (scalar loss, stats dict of floats).
     """
     _check("loss_type", loss_type, LOSS_TYPES)
-    m, mf, logp = mask.bool(), mask.bool().float(), logp.float()
+    m, mf, logp, adv = mask.bool(), mask.bool().float(), logp.float(), adv.detach().float()
     old = logp.detach() if old_logp is None else old_logp.detach().float()
-    adv = adv.detach().float()
     ratio = torch.exp((logp - old).masked_fill(~m, 0.0))             # [B, L]; padding -> 1, never inf
     per_tok = _surrogate(ratio, adv, eps_low, eps_high, reference_broadcast)   # [B,L] | [B,B,L]
     kl = None

@@ -58,6 +58,32 @@ def test_lm_corpus_has_no_valid_or_test_target(tmp_path, monkeypatch):
     assert r.tok.decode(docs[k][plens[k]:]) == r.next_item_text(ds.train.target[k]) + M.ANCHOR
 
 
+def test_lm_loss_weights_the_prompt_tokens(tmp_path):
+    """--pretrain-prompt-weight p: lm_loss is the mean next-token NLL with the prompt's tokens weighted p and the
+    assistant turn's 1, checked against per-token NLLs from each document's own logits (no padding); p = 1 is the
+    plain mean over every token, p = 0 the assistant turn alone."""
+    ds = data.load_dataset("synthetic", history=8, num_users=40, num_items=30, verbose=False)
+    cfg = T.resolve_config(SMALL + ["--out", str(tmp_path / "o"), "--kernels", "torch"])
+    torch.manual_seed(0)
+    r, _, _ = T.build(cfg, ds, verbose=False)
+    docs, plens = r.lm_documents(ds.train, [3, 17, 29, 30, 41], cfg["prompt_history"])
+    assert len({len(d) for d in docs}) > 1   # padding is exercised
+    nll, is_prompt = [], []
+    with torch.no_grad():
+        for d, n in zip(docs, plens):
+            ids = torch.tensor([d])
+            h = r.hidden(ids, torch.ones_like(ids), torch.arange(len(d))[None])
+            nll.append(torch.nn.functional.cross_entropy(r.logits(h)[0, :-1].float(), ids[0, 1:], reduction="none"))
+            is_prompt.append(torch.arange(1, len(d)) < n)   # target token j is in the prompt
+        nll, is_prompt = torch.cat(nll), torch.cat(is_prompt)
+        for p in (0.0, 0.25, 1.0):
+            w = torch.where(is_prompt, p, 1.0)
+            want = (nll * w).sum() / w.sum()
+            torch.testing.assert_close(r.lm_loss(docs, plens, prompt_weight=p), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r.lm_loss(docs), nll.mean(), rtol=1e-5, atol=1e-6)
+        assert not torch.isclose(r.lm_loss(docs, plens, prompt_weight=0.25), nll.mean())   # the weight bites
+
+
 def test_lm_stage_learns_the_next_item_text(tmp_path):
     """150 LM steps on the synthetic world lower the next-token loss of unseen train documents well below the
     untrained model's, and greedy reasoning then writes the corpus's form ('... Next: <title>') up to the anchor."""
