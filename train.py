@@ -31,7 +31,7 @@ PRESETS = {
     "cpu": dict(prompt_history=8, max_new_tokens=32, val_samples=1000, train_recent=10000, item_loss="sampled",
                 micro_batch_size=32, embed_lr_mult=0.1, time_budget=10.0, pretrain_steps=2000, temperature=1.0,
                 kl_beta=0.1, pretrain_item_weight=1.0, item_weighting="uniform", relabel_topk=0, cut_penalty=0.1,
-                greedy_chain=True, pretrain_prompt_weight=0.25),
+                greedy_chain=True, pretrain_prompt_weight=0.25, pretrain_line_weight=1.0),
 }
 LR = {"tiny": 2e-3, "hf": 1e-5}   # --lr default by backbone [paper: 1e-5]
 # what a resumed run may not change: it defines the data, the model or the meaning of a step
@@ -74,7 +74,7 @@ def get_parser():
     a("--pretrain-lr", type=F, default=3e-3, help="LM stage: AdamW peak LR")
     a("--pretrain-item-weight", type=F0, default=0.0, help="LM stage: + w x item loss w/o reasoning [cpu: 1]")
     a("--pretrain-item-form", default="prompt", choices=("prompt", "reasoning"), help="... or after greedy reasoning")
-    a("--pretrain-line-weight", type=F0, default=0.0, help="... + w x item loss at each history line's end (README)")
+    a("--pretrain-line-weight", type=F0, default=0.0, help="... + w x item loss at each history line's end [cpu: 1]")
     a("--pretrain-prompt-weight", type=F0, default=1.0, help="LM stage: prompt tokens' weight, the reply's 1 [cpu: 0.25]")
     a("--pretrain-share", type=U, default=0.35, help="LM stage: the most of --time-budget it may take")
     a("--ptx-coef", type=F0, default=0.0, help="RecPO: + c x the LM stage's loss on its next batch (PPO-ptx)")
