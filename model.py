@@ -857,25 +857,27 @@ class R2ec:
         return [self.tok.decode(row[P:P + int(n)].tolist()) for row, n in zip(ro["input_ids"], ro["lengths"])]
 
     # ---- one pass for both heads, the shared prefix encoded once ----
-    def prefix_forward(self, pre_ids, pre_mask, suf_ids, suf_mask, repeat=1):
+    def prefix_forward(self, pre_ids, pre_mask, suf_ids, suf_mask, repeat=1, prefix=False):
         """Hidden states of rows [prefix | suffix] where each prefix row (LEFT-padded, [R, P]) is shared by
         `repeat` consecutive suffix rows (RIGHT-padded, [R*repeat, S]): the prefix runs once, its KV cache
         is repeated (differentiably), the suffix attends to it. Same math as one forward over the
-        concatenation. -> (h of the prefix's last token [R*repeat, d], suffix hidden states [R*repeat, S, d]).
+        concatenation. -> (h of the prefix's last token [R*repeat, d], suffix hidden states [R*repeat, S, d]),
+        + the prefix's hidden states [R, P, d] with prefix=True.
         Under gradient checkpointing in training mode (no KV cache there): rows_forward, the same results."""
         if self.grad_ckpt and self.model.training:
-            return self.rows_forward(pre_ids, pre_mask, suf_ids, suf_mask, repeat)
+            return self.rows_forward(pre_ids, pre_mask, suf_ids, suf_mask, repeat, prefix)
         cache = new_cache(self.model)
         pos = (pre_mask.cumsum(-1) - 1).clamp(min=0)                                   # [R, P]
-        hp = self.hidden(pre_ids, pre_mask, pos, cache)[:, -1]                         # [R, d]
+        H = self.hidden(pre_ids, pre_mask, pos, cache)                                 # [R, P, d]
+        hp = H[:, -1]
         if repeat > 1:
             cache.batch_repeat_interleave(repeat)
             hp, pre_mask, pos = (x.repeat_interleave(repeat, 0) for x in (hp, pre_mask, pos))
         mask = torch.cat([pre_mask, suf_mask], 1)                                      # [N, P+S]
         spos = pos[:, -1:] + suf_mask.cumsum(-1)                                       # [N, S]
-        return hp, self.hidden(suf_ids, mask, spos, cache)
+        return (hp, self.hidden(suf_ids, mask, spos, cache)) + ((H,) if prefix else ())
 
-    def rows_forward(self, pre_ids, pre_mask, suf_ids, suf_mask, repeat=1):
+    def rows_forward(self, pre_ids, pre_mask, suf_ids, suf_mask, repeat=1, prefix=False):
         """prefix_forward's results from ONE cache-free forward (use_cache=False) over the full rows
         [prefix | suffix], each prefix row repeated for its `repeat` suffix rows; positions from the attention
         mask. The gradient-checkpointing path: the prefix is recomputed per row, no KV cache is kept."""
@@ -885,7 +887,7 @@ class R2ec:
         mask = torch.cat([pre_mask, suf_mask.to(pre_mask.dtype)], 1)                   # [N, P+S]
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
         h = self.hidden(torch.cat([pre_ids, suf_ids], 1), mask, pos)                   # [N, P+S, d]
-        return h[:, P - 1], h[:, P:]
+        return (h[:, P - 1], h[:, P:]) + ((h[::repeat, :P],) if prefix else ())
 
     def forward_both(self, ro, G=1, temperature=1.0, return_entropy=False):
         """One backbone pass over rollout rows (whole groups of G sharing a prompt, encoded once) ->
@@ -1006,20 +1008,44 @@ class R2ec:
         nll = -(lp.float() * w).sum() / w.sum()
         return (nll, h) if hidden else nll
 
-    def item_ce(self, prompts, targets, negatives, max_new_tokens=0, exclude=None, lines=None):
+    def stage_forward(self, docs, prompt_lens, prompt_weight=1.0):
+        """lm_loss(docs, prompt_lens, prompt_weight=...) of LM-stage documents (prompt | turn) and the
+        w/o-reasoning h_T of their prompts (prompt | anchor) from ONE pass over the prompts: they run once,
+        LEFT-padded, and their KV cache serves two suffixes each, the turn and the bare anchor (prefix_forward).
+        Same math as lm_loss plus a separate forward of prompt + anchor; a stage step ~12 % faster (README).
+        -> (loss, prompt states [N, P, d] LEFT-padded to the longest prompt P, h_T [N, d] fp32 L2-normalised)."""
+        pre, pmask = self.pad_left([d[:n] for d, n in zip(docs, prompt_lens)])        # [N, P]
+        sufs = [s for d, n in zip(docs, prompt_lens) for s in (d[n:], list(self.anchor_ids))]
+        sid = torch.full((len(sufs), max(map(len, sufs))), self.pad_id, dtype=torch.long)
+        for i, s in enumerate(sufs):
+            sid[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        smask = (torch.arange(sid.shape[1])[None] < torch.tensor([len(s) for s in sufs])[:, None]).long()
+        sid, smask = sid.to(self.device), smask.to(self.device)                         # [2N, S]: turn, anchor
+        _, hs, H = self.prefix_forward(pre, pmask, sid, smask, 2, prefix=True)         # [2N, S, d], [N, P, d]
+        mp = (pmask[:, :-1] * pmask[:, 1:]).bool() & (prompt_weight > 0)               # prompt token j+1 from j
+        mt = smask[0::2].bool()                                                         # turn token k from k - 1
+        pred_t = torch.cat([H[:, -1:], hs[0::2, :-1]], 1)                               # (the prompt's last predicts 0)
+        lp = token_logprobs(torch.cat([H[:, :-1][mp], pred_t[mt]]), self.lm_weight,
+                            torch.cat([pre[:, 1:][mp], sid[0::2][mt]]), 1.0, impl=self.impl, softcap=self.softcap)
+        w = torch.cat([torch.full((int(mp.sum()),), float(prompt_weight)), torch.ones(int(mt.sum()))]).to(lp.device)
+        last = smask[1::2].sum(1) - 1
+        h_T = F.normalize(hs[1::2][torch.arange(len(docs), device=hs.device), last].float(), dim=-1)
+        return -(lp.float() * w).sum() / w.sum(), H, h_T
+
+    def item_ce(self, prompts, targets, negatives, max_new_tokens=0, exclude=None, lines=None, h=None):
         """Supervised item loss (with grad) of each target [B]: h_T of the w/o-reasoning form (prompt, then the
         anchor), or with max_new_tokens > 0 after the model's own greedy reasoning (decoded without grad, then one
         forward). The distinct targets + negatives [S] are encoded fresh. exclude=None: softmax cross-entropy
         over those. exclude [B, X] (history ids): over the whole cached table with those masked, the fresh rows
         entering with the table's values and their own gradients (straight-through: no row is told apart by
         being fresher than the others). lines = (states [K, d], their targets [K], exclude [K, X] or None, w):
-        + w x the same loss of those rows (their targets are encoded too). -> (loss, cand ids, their fresh
-        embeddings, detached)."""
-        if max_new_tokens:
+        + w x the same loss of those rows (their targets are encoded too). h [B, d]: h_T already computed
+        (stage_forward), the prompts unused. -> (loss, cand ids, their fresh embeddings, detached)."""
+        if h is None and max_new_tokens:
             with torch.no_grad():
                 ro, _ = self.decode(prompts, 1, greedy=True, max_new_tokens=max_new_tokens)
             h = self.forward_both(ro, 1)[1]                                            # [B, d]
-        else:
+        elif h is None:
             ids, mask = self.pad_left([p + list(self.anchor_ids) for p in prompts])
             h = F.normalize(self.hidden(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))[:, -1].float(), dim=-1)
         cand = torch.unique(torch.cat([targets, negatives] + ([lines[1].cpu()] if lines else [])))   # [U] sorted
@@ -1268,8 +1294,8 @@ def stage_loss(r, split, cfg, s):
     """The LM stage's loss on its step-s batch of `split` (train.py passes the TRAIN split): the next-token
     loss of lm_documents (prompt tokens weighted cfg["pretrain_prompt_weight"], the assistant turn 1; logged
     as that weighted mean), + cfg["pretrain_item_weight"] x item_ce of the same samples (cfg["item_negatives"]
-    uniform negatives), h_T w/o reasoning, or after greedy reasoning with cfg["pretrain_item_form"] ==
-    "reasoning". With cfg["pretrain_line_weight"] w, + w x the item loss at the end of each history line of the
+    uniform negatives), h_T w/o reasoning (from the LM pass itself: R2ec.stage_forward), or after greedy
+    reasoning with cfg["pretrain_item_form"] == "reasoning". With cfg["pretrain_line_weight"] w, + w x the item loss at the end of each history line of the
     prompts (the LM forward's state at its newline; target: the next line's item), SASRec's dense supervision.
     Also RecPO's --ptx-coef term. Under torchrun, this process's share of the batch.
     -> (loss, lm loss, item loss or None)."""
@@ -1277,21 +1303,26 @@ def stage_loss(r, split, cfg, s):
     w_line = cfg.get("pretrain_line_weight", 0.0) if w_item else 0.0
     idx = train_indices(s, B, len(split), cfg["seed"] + 7919)[rank_slice(B)]
     docs, plen, *ends = r.lm_documents(split, idx, cfg["prompt_history"], line_ends=bool(w_line))   # ends: [] or [ends]
-    lm, h = r.lm_loss(docs, plen, hidden=True, prompt_weight=cfg.get("pretrain_prompt_weight", 1.0))
+    chain = cfg.get("pretrain_item_form") == "reasoning" and not cfg.get("no_reasoning")
+    if not w_item or chain:
+        lm, h = r.lm_loss(docs, plen, hidden=True, prompt_weight=cfg.get("pretrain_prompt_weight", 1.0))
+        h_T, off = None, torch.zeros(len(docs), dtype=torch.long)                     # right-padded documents
+    else:   # w/o-reasoning h_T from the same pass (the prompt once, then the turn and the bare anchor)
+        lm, h, h_T = r.stage_forward(docs, plen, cfg.get("pretrain_prompt_weight", 1.0))
+        off = h.shape[1] - torch.as_tensor(plen)                                       # left-padded prompts
     if not w_item:
         return lm, lm, None
     neg = np.random.default_rng([cfg["seed"], 7919, s]).choice(n_items, min(cfg.get("item_negatives", 128), n_items),
                                                              replace=False)
     full = cfg.get("item_loss") == "full"
-    chain = cfg.get("pretrain_item_form") == "reasoning" and not cfg.get("no_reasoning")
     hist, lines = torch.from_numpy(split.hist[idx]), None
     rows = [(b, j, t) for b, e in enumerate(ends[0]) for j, t in e] if w_line else []   # (sample, token, next item)
     if rows:
         b, j, t = torch.tensor(list(zip(*rows)), dtype=torch.long)
-        lines = (h[b.to(h.device), j.to(h.device)], t, hist[b] if full else None, w_line)
+        lines = (h[b.to(h.device), (j + off[b]).to(h.device)], t, hist[b] if full else None, w_line)
     item, ids, emb = r.item_ce([d[:n] for d, n in zip(docs, plen)], torch.as_tensor(split.target[idx]),
                                torch.from_numpy(neg + 1), cfg["max_new_tokens"] if chain else 0,
-                               hist if full else None, lines)
+                               hist if full else None, lines, h_T)
     if full:
         r.table.update(all_gather(ids.to(emb.device)), all_gather(emb))   # the next steps see the new values
     return lm + w_item * item, lm, item

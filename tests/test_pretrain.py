@@ -61,7 +61,9 @@ def test_lm_corpus_has_no_valid_or_test_target(tmp_path, monkeypatch):
 def test_lm_loss_weights_the_prompt_tokens(tmp_path):
     """--pretrain-prompt-weight p: lm_loss is the mean next-token NLL with the prompt's tokens weighted p and the
     assistant turn's 1, checked against per-token NLLs from each document's own logits (no padding); p = 1 is the
-    plain mean over every token, p = 0 the assistant turn alone."""
+    plain mean over every token, p = 0 the assistant turn alone. stage_forward gives the same loss from its one
+    pass, with the prompts' states and h_T (prompt + anchor) equal to each prompt's own forward, also on the
+    gradient-checkpointing path."""
     ds = data.load_dataset("synthetic", history=8, num_users=40, num_items=30, verbose=False)
     cfg = T.resolve_config(SMALL + ["--out", str(tmp_path / "o"), "--kernels", "torch"])
     torch.manual_seed(0)
@@ -80,6 +82,18 @@ def test_lm_loss_weights_the_prompt_tokens(tmp_path):
             w = torch.where(is_prompt, p, 1.0)
             want = (nll * w).sum() / w.sum()
             torch.testing.assert_close(r.lm_loss(docs, plens, prompt_weight=p), want, rtol=1e-5, atol=1e-6)
+            loss, H, h_T = r.stage_forward(docs, plens, p)
+            torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+        for i, (d, n) in enumerate(zip(docs, plens)):   # LEFT-padded prompt states; h_T after the bare anchor
+            one = d[:n] + list(r.anchor_ids)
+            h = r.hidden(torch.tensor([one]), torch.ones(1, len(one), dtype=torch.long), torch.arange(len(one))[None])
+            torch.testing.assert_close(H[i, H.shape[1] - n:], h[0, :n], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(h_T[i], torch.nn.functional.normalize(h[0, -1].float(), dim=-1), rtol=1e-4, atol=1e-5)
+        base, r.grad_ckpt = r.stage_forward(docs, plens, 0.25), True   # training under gradient checkpointing:
+        assert r.model.training                                             # the cache-free rows_forward, same results
+        for x, y in zip(r.stage_forward(docs, plens, 0.25), base):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        r.grad_ckpt = False
         torch.testing.assert_close(r.lm_loss(docs), nll.mean(), rtol=1e-5, atol=1e-6)
         assert not torch.isclose(r.lm_loss(docs, plens, prompt_weight=0.25), nll.mean())   # the weight bites
 
