@@ -293,7 +293,7 @@ def format_metrics(m):
     """The one-line summary of a step_metrics record (+ step, learning_rate, step_s, tokens_per_s)."""
     return (f"step {m['step']} | reward {m['reward']:.4f} (R_d {m['r_d']:.4f} R_c {m['r_c']:.5f}) zero-std "
             f"{m['frac_reward_zero_std']:.2f} | adv |max| {m['adv_absmax']:.2f} | tok_loss {m['token_loss']:.4f} "
-            f"item_loss {m['item_loss']:.4f}" + (f" kl {m['kl']:.4f}" if m["kl"] is not None else "")
+            f"item_loss {m['item_loss']:.4f} logp(v+) {m['item_logp']:.3f}" + (f" kl {m['kl']:.4f}" if m["kl"] is not None else "")
             + f" | clip {m['clip_ratio/low_mean']:.3f}/{m['clip_ratio/high_mean']:.3f} | ent {m['entropy'] or 0:.2f} | "
             f"len {m['completions/mean_length']:.1f}/{m['completions/max_length']} cut {m['completions/clipped_ratio']:.2f}"
             f" | gnorm {m['grad_norm']:.3f} | lr {m['learning_rate']:.2e} | {m['step_s']:.2f}s/step "
