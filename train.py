@@ -363,7 +363,7 @@ def train(cfg):
     left = lambda: budget - time.time() + t_start - ev.final_cost(state, len(ds.test), cfg, TRAIN_SHARE) - last_eval()  # noqa
     bar = tqdm(total=None if budget else cfg["max_steps"], initial=step, desc="RecPO", disable=cfg["quiet"], unit="step")
     while step < cfg["max_steps"]:
-        if budget and data.any_rank(max(times[-10:] or [0]) > left()):   # the slowest recent step; any_rank: all ranks
+        if budget and data.any_rank(max(times[-10:] or [0]) > left()):   # slowest recent step; any_rank: ranks stop together
             stop = f"time budget ({cfg['time_budget']:g} min; a last valid and the test pass reserved)"
             break
         t0, ph = time.time(), M.Phases(r.device.type == "cuda")
