@@ -645,15 +645,18 @@ class R2ec:
         z = F.linear(h, self.lm_weight).float()
         return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
 
-    def pad_left(self, seqs):
-        """Token lists -> (ids [B, P], mask [B, P]) LEFT-padded, on the model's device."""
+    def pad_left(self, seqs, right=False):
+        """Token lists -> (ids [B, P], mask [B, P]) LEFT-padded (right=True: RIGHT-padded), on the model's device."""
         P = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), P), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), P, dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, P - len(s):] = 1
+            at = slice(0, len(s)) if right else slice(P - len(s), P)
+            ids[i, at], mask[i, at] = torch.tensor(s, dtype=torch.long), 1
         return ids.to(self.device), mask.to(self.device)
+
+    def pad_right(self, seqs):
+        return self.pad_left(seqs, right=True)
 
     def chat(self, user_text):
         return self.tok.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
@@ -938,15 +941,10 @@ class R2ec:
                           unit="batch", leave=False):
                 rows += order[s:s + batch_size]
                 sufs = [prompts[i][k:] for i in order[s:s + batch_size]]
-                S = max(len(x) for x in sufs)
-                sid = torch.full((len(sufs), S), self.pad_id, dtype=torch.long)
-                sm = torch.zeros(len(sufs), S, dtype=torch.long)
-                for j, x in enumerate(sufs):
-                    sid[j, :len(x)], sm[j, :len(x)] = torch.tensor(x), 1
+                sid, sm = self.pad_right(sufs)
                 one = torch.ones(1, k, dtype=torch.long, device=dev)
-                _, hs = self.prefix_forward(torch.tensor([pre], device=dev), one, sid.to(dev), sm.to(dev),
-                                            len(sufs))
-                out.append(hs[torch.arange(len(sufs)), sm.sum(1).to(dev) - 1].float())      # [b, d]
+                _, hs = self.prefix_forward(torch.tensor([pre], device=dev), one, sid, sm, len(sufs))
+                out.append(hs[torch.arange(len(sufs)), sm.sum(1) - 1].float())              # [b, d]
         h = torch.zeros(len(ids), self.model.config.hidden_size, device=dev)           # [n, d] in the order of ids
         if out:
             h = h.index_copy(0, torch.tensor(rows, device=dev), torch.cat(out))
@@ -1015,13 +1013,8 @@ class R2ec:
         Same math as lm_loss plus a separate forward of prompt + anchor; a stage step ~12 % faster (README).
         -> (loss, prompt states [N, P, d] LEFT-padded to the longest prompt P, h_T [N, d] fp32 L2-normalised)."""
         pre, pmask = self.pad_left([d[:n] for d, n in zip(docs, prompt_lens)])        # [N, P]
-        sufs = [s for d, n in zip(docs, prompt_lens) for s in (d[n:], list(self.anchor_ids))]
-        sid = torch.full((len(sufs), max(map(len, sufs))), self.pad_id, dtype=torch.long)
-        for i, s in enumerate(sufs):
-            sid[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        smask = (torch.arange(sid.shape[1])[None] < torch.tensor([len(s) for s in sufs])[:, None]).long()
-        sid, smask = sid.to(self.device), smask.to(self.device)                         # [2N, S]: turn, anchor
-        _, hs, H = self.prefix_forward(pre, pmask, sid, smask, 2, prefix=True)         # [2N, S, d], [N, P, d]
+        sid, smask = self.pad_right([s for d, n in zip(docs, prompt_lens) for s in (d[n:], list(self.anchor_ids))])
+        _, hs, H = self.prefix_forward(pre, pmask, sid, smask, 2, prefix=True)         # turn, anchor rows; [N, P, d]
         mp = (pmask[:, :-1] * pmask[:, 1:]).bool() & (prompt_weight > 0)               # prompt token j+1 from j
         mt = smask[0::2].bool()                                                         # turn token k from k - 1
         pred_t = torch.cat([H[:, -1:], hs[0::2, :-1]], 1)                               # (the prompt's last predicts 0)
@@ -1295,8 +1288,9 @@ def stage_loss(r, split, cfg, s):
     loss of lm_documents (prompt tokens weighted cfg["pretrain_prompt_weight"], the assistant turn 1; logged
     as that weighted mean), + cfg["pretrain_item_weight"] x item_ce of the same samples (cfg["item_negatives"]
     uniform negatives), h_T w/o reasoning (from the LM pass itself: R2ec.stage_forward), or after greedy
-    reasoning with cfg["pretrain_item_form"] == "reasoning". With cfg["pretrain_line_weight"] w, + w x the item loss at the end of each history line of the
-    prompts (the LM forward's state at its newline; target: the next line's item), SASRec's dense supervision.
+    reasoning with cfg["pretrain_item_form"] == "reasoning". With cfg["pretrain_line_weight"] w, + w x the item
+    loss at the end of each history line of the prompts (the LM forward's state at its newline; target: the next
+    line's item), SASRec's dense supervision.
     Also RecPO's --ptx-coef term. Under torchrun, this process's share of the batch.
     -> (loss, lm loss, item loss or None)."""
     B, w_item, n_items = cfg["batch_size"], cfg.get("pretrain_item_weight", 0.0), r.dataset.num_items
