@@ -10,7 +10,9 @@ This file owns every model operation, once each (train.py and eval.py only call 
     build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None, device="cpu",
                    verbose=True) -> (hf_model, tokenizer)
         init_from: "tiny" (Qwen2 config built here + BPE tokenizer trained on the dataset's text,
-        cached in cache_dir), a local Hugging Face directory, or a local .gguf file. Never downloads.
+        cached in cache_dir; tiny_cfg item_tokens=True adds one token per item, ITEM_TOKEN, which every
+        prompt then writes before the item's title), a local Hugging Face directory, or a local .gguf file.
+        Never downloads.
     R2ec(model, tokenizer, dataset=None, tau=0.02, max_prompt_len=None, impl="auto")
       prompts   .user_prompt_ids(hist, hist_rating, hist_time, target_time) / .split_prompt_ids(split,
                 idx, n_hist) / .item_prompt_ids(ids) -> token id lists (chat template applied)
@@ -115,17 +117,20 @@ def user_instruction(domain):
             f"Below is my historical {d['items']} and ratings (out of 5):\n")
 
 
-def history_line(dt, title, rating):
-    return f"{format_dt(dt)} ago: [{title}] ({float(rating):.1f})"
+ITEM_TOKEN = "<|i{}|>"   # the tiny backbone's one token per item (--item-tokens): written before the item's title
 
 
-def item_text(item, domain, item_id=None):
+def history_line(dt, title, rating, tag=""):
+    return f"{format_dt(dt)} ago: {tag}[{title}] ({float(rating):.1f})"
+
+
+def item_text(item, domain, item_id=None, tag=""):
     """The item prompt's user turn; lines with no data are omitted, description cut to 100 words."""
     title = (item.get("title") or "").strip()
     if not title:
         raise ModelError(f"item {item_id} (raw id {item.get('raw_id')!r}) has an empty title: "
                          "every item needs a title to be encoded; fix or drop it in the item file")
-    lines = [f"Title: {title}"]
+    lines = [f"Title: {tag}{title}"]
     if item.get("average_rating") is not None:
         lines.append(f"User Rating: {float(item['average_rating']):.1f}")
     if item.get("rating_number") is not None:
@@ -159,8 +164,9 @@ def _tokenizer_corpus(dataset):
     return [t for t in texts if t]
 
 
-def train_tokenizer(dataset, vocab_size=4096, cache_dir=None, verbose=True):
-    """Byte-level BPE trained on the dataset's own text; cached as tokenizer-v{k}-{V}-{hash}.json."""
+def train_tokenizer(dataset, vocab_size=4096, cache_dir=None, verbose=True, item_tokens=False):
+    """Byte-level BPE trained on the dataset's own text; cached as tokenizer-v{k}-{V}-{hash}.json.
+    item_tokens=True: + one added token per item, ITEM_TOKEN.format(id) for ids 1..N (never split)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     corpus = _tokenizer_corpus(dataset)
@@ -183,8 +189,11 @@ def train_tokenizer(dataset, vocab_size=4096, cache_dir=None, verbose=True):
         os.replace(tmp, path)   # atomic: a concurrent reader sees the old state or the whole file
         if verbose:
             print(f"[model] trained BPE tokenizer: {tok.get_vocab_size()} tokens -> {path}")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  chat_template=CHAT_TEMPLATE)
+    if item_tokens:
+        tok.add_tokens([ITEM_TOKEN.format(i) for i in range(1, dataset.num_items + 1)])
+    return tok
 
 
 GGUF_CONVERT_VERSION = 2   # bump when the conversion changes: the cached directory is then rebuilt
@@ -266,6 +275,9 @@ def check_init_from(init_from, cfg=None):
     tiny_config), an installed .gguf package, a .gguf file, or a folder with config.json and tokenizer files.
     build_backbone reports the rest."""
     path = os.path.expanduser(init_from)
+    if init_from != "tiny" and (cfg or {}).get("item_tokens"):
+        raise ModelError(f"--item-tokens: only the tiny backbone has them (its tokenizer is built here); "
+                         f"drop it for --init-from {init_from}")
     if init_from == "tiny":
         if cfg is not None:
             tiny_config(cfg)
@@ -294,7 +306,7 @@ def tiny_config(cfg):
     if heads % max(1, heads // 2):              # half as many key-value heads
         raise ModelError(f"--tiny-heads {heads}: use 1, 3 or an even number (half as many key-value heads)")
     return dict(layers=cfg["tiny_layers"], hidden=hidden, heads=heads, kv_heads=max(1, heads // 2),
-                intermediate=int(hidden * 2.75) // 8 * 8, seed=cfg["seed"])
+                intermediate=int(hidden * 2.75) // 8 * 8, seed=cfg["seed"], item_tokens=cfg.get("item_tokens", False))
 
 
 def build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None, device="cpu", verbose=True):
@@ -306,7 +318,7 @@ def build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None
         if dataset is None:
             raise ModelError("--init-from tiny needs a dataset: its tokenizer is trained on the item text")
         c = {**TINY_DEFAULTS, **(tiny_cfg or {})}
-        tok = train_tokenizer(dataset, c["vocab"], cache_dir, verbose)
+        tok = train_tokenizer(dataset, c["vocab"], cache_dir, verbose, c.get("item_tokens", False))
         cfg = Qwen2Config(vocab_size=len(tok), hidden_size=c["hidden"], intermediate_size=c["intermediate"],
                           num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
                           num_key_value_heads=c["kv_heads"], max_position_embeddings=c["max_position"],
@@ -608,6 +620,8 @@ class R2ec:
         # Gemma-2 final-logit soft-capping: logits c tanh(h.W / c), in .logits and every token_logprobs call
         self.softcap = float(getattr(model.config, "final_logit_softcapping", None) or 0.0)
         self.grad_ckpt = False   # set by enable_gradient_checkpointing()
+        # a tokenizer with one token per item (train_tokenizer(item_tokens=True)): prompts name items by it too
+        self.item_tokens = ITEM_TOKEN.format(1) in tokenizer.get_vocab()
 
     def enable_gradient_checkpointing(self):
         """HF activation checkpointing of every decoder layer (non-reentrant), for backbones whose activations
@@ -662,6 +676,10 @@ class R2ec:
         return self.tok.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
                                             add_generation_prompt=True)
 
+    def item_tag(self, i):
+        """The item's token and a space before its title when the tokenizer has item tokens, else ''."""
+        return ITEM_TOKEN.format(int(i)) + " " if self.item_tokens else ""
+
     def _encode(self, texts):
         return self.tok(texts, add_special_tokens=False)["input_ids"]   # templates carry their own BOS
 
@@ -671,7 +689,8 @@ class R2ec:
         if todo:
             if self.dataset is None:
                 raise ModelError("encoding items needs the dataset (item text); pass dataset=")
-            texts = [self.chat(item_text(self.dataset.items[i], self.dataset.domain, i)) + ANCHOR for i in todo]
+            texts = [self.chat(item_text(self.dataset.items[i], self.dataset.domain, i, self.item_tag(i))) + ANCHOR
+                     for i in todo]
             for i, t in zip(todo, self._encode(texts)):
                 self._item_ids[i] = t
         return [self._item_ids[int(i)] for i in ids]
@@ -685,7 +704,7 @@ class R2ec:
         head = user_instruction(d)
         out, ends, n_trunc, n_lines = [], [], 0, 0
         for b in range(len(hist)):
-            lines = [history_line(target_time[b] - t, titles[int(i)], r)
+            lines = [history_line(target_time[b] - t, titles[int(i)], r, self.item_tag(i))
                      for i, r, t in zip(hist[b], hist_rating[b], hist_time[b]) if int(i) != 0]
             ids = self._encode(self.chat(head + "\n".join(lines)))
             dropped = 0
@@ -969,10 +988,11 @@ class R2ec:
     # ---- LM stage: the nano pretraining of a from-scratch backbone (train.py --pretrain-steps) ----
     def next_item_text(self, item_id):
         """What the LM stage teaches the reasoning to say about the next item: its short description (the
-        genres, when the data has them; long descriptions are skipped) and its title."""
+        genres, when the data has them; long descriptions are skipped), then its token (item_tokens) and title."""
         it = self.dataset.items[int(item_id)]
         desc = " ".join((it.get("description") or "").split())
-        return (desc + " " if desc and len(desc.split()) <= 12 else "") + f"Next: {it['title'].strip()}"
+        desc = desc + " " if desc and len(desc.split()) <= 12 else ""
+        return f"{desc}Next: {self.item_tag(item_id)}{it['title'].strip()}"
 
     def lm_documents(self, split, idx, n_hist=None, line_ends=False):
         """LM-stage documents of samples idx of a split (train.py passes the TRAIN split only): the R²ec

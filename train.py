@@ -31,13 +31,13 @@ PRESETS = {
     "cpu": dict(prompt_history=8, max_new_tokens=32, val_samples=1000, train_recent=10000, item_loss="sampled",
                 micro_batch_size=32, embed_lr_mult=0.1, time_budget=10.0, pretrain_steps=2000, temperature=1.0,
                 kl_beta=0.1, pretrain_item_weight=1.0, item_weighting="uniform", relabel_topk=0, cut_penalty=0.1,
-                greedy_chain=True, pretrain_prompt_weight=0.25, pretrain_line_weight=1.0),
+                greedy_chain=True, pretrain_prompt_weight=0.25, pretrain_line_weight=1.0, item_tokens=True),
 }
 LR = {"tiny": 2e-3, "hf": 1e-5}   # --lr default by backbone [paper: 1e-5]
 # what a resumed run may not change: it defines the data, the model or the meaning of a step
-FIXED_ON_RESUME = ("dataset", "history", "synthetic_users", "synthetic_items", "init_from", "tiny_layers",
-                   "tiny_hidden", "tiny_heads", "lora_r", "lora_alpha", "tau", "num_generations",
-                   "batch_size", "seed", "prompt_history", "max_prompt_len", "no_reasoning", "item_loss")
+FIXED_ON_RESUME = ("dataset", "history", "synthetic_users", "synthetic_items", "init_from", "tiny_layers", "tiny_hidden",
+                   "tiny_heads", "lora_r", "lora_alpha", "tau", "num_generations", "batch_size", "seed", "prompt_history",
+                   "max_prompt_len", "no_reasoning", "item_loss", "item_tokens")
 OPTIONAL_SAVED = ("resume", "preset", "data_dir", "max_prompt_len", "pretrain_steps", "logp_temperature")
 MAX_BAD_STEPS = 5   # non-finite loss/grad steps in a row before the run stops
 TRAIN_SHARE = 0.6   # of --time-budget, guaranteed to training whatever the test pass is estimated to cost
@@ -66,6 +66,7 @@ def get_parser():
     a("--tiny-layers", type=I, default=2, help="tiny backbone: transformer layers")
     a("--tiny-hidden", type=I, default=128, help="tiny backbone: hidden size (a multiple of --tiny-heads)")
     a("--tiny-heads", type=I, default=4, help="tiny backbone: attention heads")
+    a("--item-tokens", action=argparse.BooleanOptionalAction, default=False, help="tiny: a token per item [cpu: yes]")
     a("--lora-r", type=I0, default=4, help="LoRA rank, Hugging Face backbones [paper: 4]; 0 = full fine-tuning")
     a("--lora-alpha", type=F, default=128.0, help="LoRA alpha [paper: 128]")
     a("--lora-dropout", type=U, default=0.0, help="LoRA dropout")
@@ -160,7 +161,7 @@ def resolve_config(argv=None):
     cfg = {**vars(args), **PRESETS[preset], **given, "preset": preset}
     cfg["lr"] = cfg["lr"] or LR["tiny" if cfg["init_from"] == "tiny" else "hf"]
     cfg["logp_temperature"] = cfg["logp_temperature"] or cfg["temperature"]
-    cfg["pretrain_steps"] = cfg["pretrain_steps"] if cfg["init_from"] == "tiny" or "pretrain_steps" in given else 0
+    cfg.update({k: 0 for k in ("pretrain_steps", "item_tokens") if cfg["init_from"] != "tiny" and k not in given})
     cfg["out"] = cfg["out"] or os.path.join("out", data.slug(cfg["dataset"]))
     return validate(cfg)
 
@@ -287,8 +288,7 @@ def update(r, cfg, batch, opt, params, lr, ph=None):
             if finite:
                 opt.step()
             opt.zero_grad(set_to_none=True)
-    stats.update(grad_norm=gn, skipped=not finite)
-    return stats
+    return {**stats, "grad_norm": gn, "skipped": not finite}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 import data
@@ -37,8 +38,10 @@ def test_lm_corpus_has_no_valid_or_test_target(tmp_path, monkeypatch):
     valid/test target and absent from the train split appears; the train targets' titles do (the check bites)."""
     monkeypatch.setenv("R2EC_DATA_ROOT", str(tmp_path / "data"))   # the world's cache stays out of data/
     ds = data.load_dataset(leaky_world(str(tmp_path / "w")), history=8, verbose=False)
-    cfg = T.resolve_config(SMALL + ["--dataset", f"csv:{tmp_path / 'w'}", "--out", str(tmp_path / "o")])
+    cfg = T.resolve_config(SMALL + ["--dataset", f"csv:{tmp_path / 'w'}", "--out", str(tmp_path / "o"),
+                                    "--item-tokens"])
     r, _, _ = T.build(cfg, ds, verbose=False)
+    assert r.item_tokens   # the held items' own tokens must not appear either
     seen = set(ds.train.target.tolist()) | set(ds.train.hist.ravel().tolist())
     held = {int(i) for s in (ds.valid, ds.test) for i in s.target} - seen
     assert len(held) >= 40   # most late items are held-out targets: the test is not vacuous
@@ -47,8 +50,9 @@ def test_lm_corpus_has_no_valid_or_test_target(tmp_path, monkeypatch):
     for i in held:
         it = ds.items[i]
         assert it["title"] not in text and it["description"].split()[-1] not in text, it
+        assert M.ITEM_TOKEN.format(i) not in text
     for i in set(ds.train.target.tolist()):   # positive control: train targets are what the reasoning learns
-        assert f"Next: {ds.items[i]['title']}" in text
+        assert f"Next: {M.ITEM_TOKEN.format(i)} {ds.items[i]['title']}" in text
     ends = r.lm_documents(ds.train, np.arange(len(ds.train)), cfg["prompt_history"], line_ends=True)[2]
     line_targets = {t for e in ends for _, t in e}   # --pretrain-line-weight's targets: items of train histories
     assert len(line_targets) >= 15 and not line_targets & held
@@ -291,3 +295,35 @@ def test_line_item_loss_matches_states_computed_one_prefix_at_a_time(small_model
         want = {0.0: ce(h_T, tgt, c0), w: ce(h_T, tgt, c1) + w * ce(h_line, [t for _, _, t in rows], c1)}
     for v in (0.0, w):
         assert abs(got[v] - want[v]) < 1e-4, (v, got, want)
+
+
+def test_item_tokens_name_each_item_by_one_token(tmp_path):
+    """--item-tokens: one added token per item, written before its title in the history lines, the item prompt and
+    the stage's continuation; the text decodes back exactly; refused for a pretrained LM, off there by default."""
+    ds = data.load_dataset("synthetic", history=8, num_users=150, num_items=80, verbose=False)
+    cfg = T.resolve_config(SMALL + ["--item-tokens"])
+    r, _, _ = T.build(cfg, ds, verbose=False)
+    tid = [r._encode([M.ITEM_TOKEN.format(i)])[0] for i in range(1, ds.num_items + 1)]
+    assert all(len(t) == 1 for t in tid) and len({t[0] for t in tid}) == ds.num_items
+    assert r.item_tokens and r.model.config.vocab_size == len(r.tok) >= max(t[0] for t in tid) + 1
+    idx = np.arange(len(ds.train))[-20:]
+    for b, p in zip(idx, r.split_prompt_ids(ds.train, idx, 8)):
+        hist = [int(i) for i in ds.train.hist[b][-8:] if i]
+        text = r.tok.decode(p)
+        assert [t for t in p if [t] in tid] == [tid[i - 1][0] for i in hist]          # in order, nothing else
+        assert all(f" ago: {M.ITEM_TOKEN.format(i)} [{ds.titles[i]}] (" in text for i in hist)
+        assert r._encode([text])[0] == p
+    for i in (1, 37, ds.num_items):
+        p = r.item_prompt_ids([i])[0]
+        assert [t for t in p if [t] in tid] == tid[i - 1]
+        assert f"Title: {M.ITEM_TOKEN.format(i)} {ds.titles[i]}" in r.tok.decode(p)
+        assert r.next_item_text(i).endswith(f"Next: {M.ITEM_TOKEN.format(i)} {ds.titles[i]}")
+    plain = M.build_backbone("tiny", ds, {**M.tiny_config(cfg), "item_tokens": False}, verbose=False)
+    assert not M.R2ec(*plain, ds).item_tokens and len(plain[1]) == len(r.tok) - ds.num_items
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for f in ("config.json", "tokenizer.json"):
+        (hf / f).write_text("{}")
+    assert not T.resolve_config(SMALL + ["--init-from", str(hf)])["item_tokens"]   # the cpu preset's, off here
+    with pytest.raises(M.ModelError, match="--item-tokens: only the tiny backbone"):
+        T.resolve_config(SMALL + ["--init-from", str(hf), "--item-tokens"])
