@@ -37,7 +37,7 @@ LR = {"tiny": 2e-3, "hf": 1e-5}   # --lr default by backbone [paper: 1e-5]
 # what a resumed run may not change: it defines the data, the model or the meaning of a step
 FIXED_ON_RESUME = ("dataset", "history", "synthetic_users", "synthetic_items", "init_from", "tiny_layers", "tiny_hidden",
                    "tiny_heads", "lora_r", "lora_alpha", "tau", "num_generations", "batch_size", "seed", "prompt_history",
-                   "max_prompt_len", "no_reasoning", "item_loss", "item_tokens")
+                   "max_prompt_len", "no_reasoning", "item_loss")   # (item tokens: the checkpoint's tokenizer has them or not)
 OPTIONAL_SAVED = ("resume", "preset", "data_dir", "max_prompt_len", "pretrain_steps", "logp_temperature")
 MAX_BAD_STEPS = 5   # non-finite loss/grad steps in a row before the run stops
 TRAIN_SHARE = 0.6   # of --time-budget, guaranteed to training whatever the test pass is estimated to cost
@@ -161,7 +161,7 @@ def resolve_config(argv=None):
     cfg = {**vars(args), **PRESETS[preset], **given, "preset": preset}
     cfg["lr"] = cfg["lr"] or LR["tiny" if cfg["init_from"] == "tiny" else "hf"]
     cfg["logp_temperature"] = cfg["logp_temperature"] or cfg["temperature"]
-    cfg.update({k: 0 for k in ("pretrain_steps", "item_tokens") if cfg["init_from"] != "tiny" and k not in given})
+    cfg.update({k: type(cfg[k])() for k in ("pretrain_steps", "item_tokens") if cfg["init_from"] != "tiny" and k not in given})
     cfg["out"] = cfg["out"] or os.path.join("out", data.slug(cfg["dataset"]))
     return validate(cfg)
 

@@ -324,6 +324,9 @@ def test_item_tokens_name_each_item_by_one_token(tmp_path):
     hf.mkdir()
     for f in ("config.json", "tokenizer.json"):
         (hf / f).write_text("{}")
-    assert not T.resolve_config(SMALL + ["--init-from", str(hf)])["item_tokens"]   # the cpu preset's, off here
+    off = T.resolve_config(SMALL + ["--init-from", str(hf)])
+    assert off["item_tokens"] is False and off["pretrain_steps"] == 0   # the cpu preset's, off here
+    saved = json.loads(json.dumps(off))                                  # as run_config.json; --resume reads it back
+    assert T.get_parser().parse_saved(saved, "run_config.json")["item_tokens"] is False
     with pytest.raises(M.ModelError, match="--item-tokens: only the tiny backbone"):
         T.resolve_config(SMALL + ["--init-from", str(hf), "--item-tokens"])
