@@ -43,6 +43,7 @@ A sequence that emits an end-of-turn token before the anchor is treated like a c
 dropped and the anchor appended. Run `python model.py --dataset ml-100k --users 8` for a quick look.
 """
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -481,13 +482,51 @@ def last_index(mask):
     return L - 1 - mask.long().flip(-1).argmax(-1)
 
 
-def new_cache(model):
-    """An empty KV cache for this model (transformers' DynamicCache; older versions take no config)."""
+def new_cache(model, room=0):
+    """An empty KV cache for this model (transformers' DynamicCache; older versions take no config). room > 0 (for
+    decoding without grad): each full-attention layer keeps its keys and values in a buffer with `room` spare
+    positions, so a decoding step writes its token in place where DynamicCache's torch.cat copies the whole cache
+    (42 % of decode()'s CPU time at the cpu preset's shapes; README, *Performance*)."""
     from transformers import DynamicCache
     try:
-        return DynamicCache(config=model.config)
+        cache = DynamicCache(config=model.config)
     except TypeError:
         return DynamicCache()
+    layers = getattr(cache, "layers", None)
+    if room and layers and all(type(x).__name__ == "DynamicLayer" for x in layers):
+        cache.layers = [_roomy_layer()(room) for _ in layers]
+    return cache
+
+
+@functools.cache
+def _roomy_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """A DynamicLayer whose keys / values are views of a buffer with spare positions (new_cache's room)."""
+
+        def __init__(self, room):
+            super().__init__()
+            self.room, self.buf = room, None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, m = (self.keys.shape[-2] if self.keys.dim() == 4 else 0), key_states.shape[-2]
+            b = self.buf
+            if b is None or b[0].data_ptr() != self.keys.data_ptr() or b[0].shape[:2] != key_states.shape[:2] \
+                    or b[0].shape[-2] < n + m:   # first write, repeated batch (batch_repeat_interleave) or full
+                b = [x.new_empty(*x.shape[:-2], n + m + self.room, x.shape[-1]) for x in (key_states, value_states)]
+                if n:
+                    b[0][..., :n, :].copy_(self.keys)
+                    b[1][..., :n, :].copy_(self.values)
+                self.buf = b
+            b[0][..., n:n + m, :].copy_(key_states)
+            b[1][..., n:n + m, :].copy_(value_states)
+            self.keys, self.values = b[0][..., :n + m, :], b[1][..., :n + m, :]
+            return self.keys, self.values
+
+    return RoomyLayer
 
 
 def autocast(device):
@@ -811,7 +850,7 @@ class R2ec:
         (reasoning + anchor), sampled_mask [N,L] bool (tokens actually sampled), old_logp [N,L] fp32
         (log-prob of each sampled token under softmax(logits / temperature), untruncated by top-k, i.e.
         what forward_both recomputes; 0 elsewhere), lengths [N], cut [N] bool, prompt_len int."""
-        cache, pre = new_cache(self.model), self.user_prefix()
+        cache, pre = new_cache(self.model, 0 if torch.is_grad_enabled() else max_new_tokens + len(self.anchor_ids)), self.user_prefix()
         k = len(pre) if pre and all(len(p) > len(pre) and p[:len(pre)] == pre for p in prompts) else 0
         if k:   # the template every user prompt starts with runs once; its KV cache is shared by the rows
             one = torch.ones(1, k, dtype=torch.long, device=self.device)

@@ -288,6 +288,37 @@ def test_greedy_first_chain_is_the_greedy_decode(built, device):
     torch.testing.assert_close(h_mixed[::3], h_greedy, atol=1e-4, rtol=1e-4)
 
 
+
+def test_decode_cache_in_place_is_dynamic_cache(built, device):
+    """decode() without grad writes its tokens into new_cache's spare room; with grad it uses transformers'
+    DynamicCache: the same chains, log-probs and h_T. A cache with too little room grows and stays exact."""
+    r = make(built, device)
+    prompts = r.split_prompt_ids(built[0].valid, [1, 4, 6])
+    kw = dict(G=3, greedy=False, temperature=1.5, top_k=20, max_new_tokens=7, seed=3, greedy_first=True)
+    with torch.no_grad():
+        a, ha = r.decode(prompts, **kw)
+    with torch.enable_grad():
+        b, hb = r.decode(prompts, **kw)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["old_logp"], b["old_logp"])
+    torch.testing.assert_close(ha, hb, atol=1e-5, rtol=1e-5)
+    ids, mask = r.pad_left(prompts)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randint(5, 200, (3, n), generator=g).to(r.device) for n in (1, 3, 1, 2)]
+    outs = []
+    with torch.no_grad():
+        for room in (0, 2):   # room 2 < the 7 tokens fed: the buffer regrows twice
+            cache, m, p = M.new_cache(r.model, room), mask, pos
+            hs = [r.hidden(ids, m, p, cache)[:, -1]]
+            if room:
+                assert type(cache.layers[0]).__name__ == "RoomyLayer"
+            for t in steps:
+                m = torch.cat([m, torch.ones_like(t)], 1)
+                p = p[:, -1:] + torch.arange(1, t.shape[1] + 1, device=r.device)
+                hs.append(r.hidden(t, m, p, cache)[:, -1])
+            outs.append(torch.stack(hs))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
 # ---------------------------------------------------------------- item table
 
 def test_item_encoding_independent_of_batch_and_order(built, device):
