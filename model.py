@@ -484,9 +484,9 @@ def last_index(mask):
 
 def new_cache(model, room=0):
     """An empty KV cache for this model (transformers' DynamicCache; older versions take no config). room > 0 (for
-    decoding without grad): each full-attention layer keeps its keys and values in a buffer with `room` spare
-    positions, so a decoding step writes its token in place where DynamicCache's torch.cat copies the whole cache
-    (42 % of decode()'s CPU time at the cpu preset's shapes; README, *Performance*)."""
+    decoding without grad), when every layer is a plain full-attention one: each layer keeps its keys and values in
+    a buffer with `room` spare positions, so a decoding step writes its token in place where DynamicCache's
+    torch.cat copies the whole cache (42 % of decode()'s CPU time at the cpu preset's shapes; README, *Performance*)."""
     from transformers import DynamicCache
     try:
         cache = DynamicCache(config=model.config)
@@ -850,7 +850,8 @@ class R2ec:
         (reasoning + anchor), sampled_mask [N,L] bool (tokens actually sampled), old_logp [N,L] fp32
         (log-prob of each sampled token under softmax(logits / temperature), untruncated by top-k, i.e.
         what forward_both recomputes; 0 elsewhere), lengths [N], cut [N] bool, prompt_len int."""
-        cache, pre = new_cache(self.model, 0 if torch.is_grad_enabled() else max_new_tokens + len(self.anchor_ids)), self.user_prefix()
+        room = 0 if torch.is_grad_enabled() else max_new_tokens + len(self.anchor_ids)   # in-place KV writes
+        cache, pre = new_cache(self.model, room), self.user_prefix()
         k = len(pre) if pre and all(len(p) > len(pre) and p[:len(pre)] == pre for p in prompts) else 0
         if k:   # the template every user prompt starts with runs once; its KV cache is shared by the rows
             one = torch.ones(1, k, dtype=torch.long, device=self.device)

@@ -288,7 +288,6 @@ def test_greedy_first_chain_is_the_greedy_decode(built, device):
     torch.testing.assert_close(h_mixed[::3], h_greedy, atol=1e-4, rtol=1e-4)
 
 
-
 def test_decode_cache_in_place_is_dynamic_cache(built, device):
     """decode() without grad writes its tokens into new_cache's spare room; with grad it uses transformers'
     DynamicCache: the same chains, log-probs and h_T. A cache with too little room grows and stays exact."""
@@ -318,6 +317,7 @@ def test_decode_cache_in_place_is_dynamic_cache(built, device):
                 hs.append(r.hidden(t, m, p, cache)[:, -1])
             outs.append(torch.stack(hs))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
 
 # ---------------------------------------------------------------- item table
 
