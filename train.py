@@ -31,7 +31,8 @@ PRESETS = {
     "cpu": dict(prompt_history=8, max_new_tokens=32, val_samples=1000, train_recent=10000, item_loss="sampled",
                 micro_batch_size=32, embed_lr_mult=0.1, time_budget=10.0, pretrain_steps=2000, temperature=1.0,
                 kl_beta=0.1, pretrain_item_weight=1.0, item_weighting="uniform", relabel_topk=0, cut_penalty=0.1,
-                greedy_chain=True, pretrain_prompt_weight=0.25, pretrain_line_weight=1.0, item_tokens=True, num_generations=2),
+                greedy_chain=True, pretrain_prompt_weight=0.25, pretrain_line_weight=1.0, item_tokens=True,
+                num_generations=2),
 }
 LR = {"tiny": 2e-3, "hf": 1e-5}   # --lr default by backbone [paper: 1e-5]
 # what a resumed run may not change: it defines the data, the model or the meaning of a step
