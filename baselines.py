@@ -34,9 +34,10 @@ from tqdm import tqdm
 
 import data
 import eval as ev
+import common
 
 
-class BaselineError(data.UserError):
+class BaselineError(common.UserError):
     """User-facing error: main() prints `error: <msg>` and exits 2."""
 
 
@@ -178,9 +179,9 @@ def train_sasrec(dataset, d=64, n_blocks=2, n_heads=1, dropout=0.2, lr=1e-3, wei
 
 def run(args):
     t0 = time.time()
-    device = ev.pick_device(args.device)
-    ev.check_kernels(args.impl, device, "--impl")
-    data.check_out_dir(args.out_dir, "--out-dir")   # refused now, not after training
+    device = common.pick_device(args.device)
+    common.check_kernels(args.impl, device, "--impl")
+    common.check_out_dir(args.out_dir, "--out-dir")   # refused now, not after training
     if device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     dataset = data.load_dataset(args.dataset, data_dir=args.data_dir, history=args.history)
@@ -199,8 +200,8 @@ def run(args):
         rows[f"popularity ({split})"] = results[split]["popularity"]
         rows[f"SASRec ({split})"] = results[split]["sasrec"]
     print(ev.format_table(rows))
-    out = os.path.join(args.out_dir, data.slug(dataset.name) + ".json")
-    data.atomic_write(out, json.dumps({
+    out = os.path.join(args.out_dir, common.slug(dataset.name) + ".json")
+    common.atomic_write(out, json.dumps({
         "dataset": dataset.name, "protocol": {s: ev.protocol_header(dataset, s) for s in results},
         "valid": results["valid"], "test": results["test"], "table": ev.format_table(rows),
         "sasrec": {k: v for k, v in log.items()}, "args": vars(args), "device": device,
@@ -210,34 +211,34 @@ def run(args):
 
 
 def main(argv=None):
-    p = data.CLIParser(description="Popularity and SASRec baselines under the eval.py protocol.")
+    p = common.CLIParser(description="Popularity and SASRec baselines under the eval.py protocol.")
     # data
     p.add_argument("--dataset", default="ml-100k", help="dataset name, as for data.py (ml-100k, synthetic, ...)")
     p.add_argument("--data-dir", default=None, help="folder with the raw dataset files (see data.py)")
-    p.add_argument("--history", type=data.pos_int, default=20, help="history window H of the samples [paper: 20]")
+    p.add_argument("--history", type=common.pos_int, default=20, help="history window H of the samples [paper: 20]")
     # SASRec
-    p.add_argument("--dim", type=data.pos_int, default=64, help="SASRec hidden size")
-    p.add_argument("--blocks", type=data.pos_int, default=2, help="SASRec self-attention blocks")
-    p.add_argument("--heads", type=data.pos_int, default=1, help="attention heads (must divide --dim)")
-    p.add_argument("--dropout", type=data.unit_float, default=0.2, help="dropout on embeddings and blocks")
-    p.add_argument("--lr", type=data.pos_float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--weight-decay", type=data.nonneg_float, default=0.0, help="Adam weight decay")
-    p.add_argument("--batch-size", type=data.pos_int, default=128, help="training sequences per step")
-    p.add_argument("--epochs", type=data.pos_int, default=40, help="max epochs (each predicts every train interaction ~once)")
-    p.add_argument("--patience", type=data.nonneg_int, default=5, help="stop after this many epochs without a better valid NDCG@10")
+    p.add_argument("--dim", type=common.pos_int, default=64, help="SASRec hidden size")
+    p.add_argument("--blocks", type=common.pos_int, default=2, help="SASRec self-attention blocks")
+    p.add_argument("--heads", type=common.pos_int, default=1, help="attention heads (must divide --dim)")
+    p.add_argument("--dropout", type=common.unit_float, default=0.2, help="dropout on embeddings and blocks")
+    p.add_argument("--lr", type=common.pos_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=common.nonneg_float, default=0.0, help="Adam weight decay")
+    p.add_argument("--batch-size", type=common.pos_int, default=128, help="training sequences per step")
+    p.add_argument("--epochs", type=common.pos_int, default=40, help="max epochs (each predicts every train interaction ~once)")
+    p.add_argument("--patience", type=common.nonneg_int, default=5, help="stop after this many epochs without a better valid NDCG@10")
     # run
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=data.nonneg_int, default=1,
+    p.add_argument("--threads", type=common.nonneg_int, default=1,
                    help="CPU threads for torch (0 = torch's default). 1 is the robust choice for this "
                         "small model: on an oversubscribed machine extra OpenMP threads stall every op")
     p.add_argument("--impl", default="auto", choices=["auto", "triton", "torch", "reference"],
                    help="catalog ranking path for evaluation (kernels/catalog.py); all give the same ranks")
-    p.add_argument("--seed", type=data.nonneg_int, default=0, help="random seed")
+    p.add_argument("--seed", type=common.nonneg_int, default=0, help="random seed")
     p.add_argument("--out-dir", default="out/baselines", help="where the json table goes")
     args = p.parse_args(argv)
     if args.dim % args.heads:
         p.error(f"--heads {args.heads} must divide --dim {args.dim}")
-    data.run_cli(run, args)
+    common.run_cli(run, args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """
 Data: raw interactions -> next-item samples, split in time order, cached.
 
-    python data.py --dataset synthetic                      # seeded toy data, < 2 s
+    python data.py --dataset synthetic:60x40                # seeded toy data, <users>x<items>, < 2 s
     python data.py --dataset ml-100k                        # default real dataset
     python data.py --dataset amazon-2023:Video_Games --data-dir ~/amazon
     python data.py --dataset csv:path/to/dir                # your own data
@@ -17,7 +17,8 @@ option, never the default. Item ids 1..N follow the sorted raw ids (numeric sort
 id is an integer, of any size); 0 is padding. The catalog is the set of items that have
 interactions. Timestamps are int64 unix seconds everywhere.
 
-Data formats (what `--dataset` accepts):
+Data formats (what `--dataset` accepts; one FORMATS entry each, picked by the longest name prefix):
+- `synthetic[:<users>x<items>]` (`synthetic` = synthetic:600x400; `--seed`): planted data, see _synthetic.
 - `ml-100k`, `ml-1m`, `ml-latest-small`, ... (`--data-dir DIR` holding one of): MovieLens
   `u.data` (tab: user item rating timestamp) + `u.item` (`|`, latin-1); `ratings.dat` +
   `movies.dat` (`::`, latin-1); `ratings.csv` (userId,movieId,rating,timestamp) + `movies.csv`
@@ -43,11 +44,13 @@ input files (path, size, blake2b of the bytes: an edit that keeps size and mtime
 rebuilds) and every protocol parameter; written fsynced to `<key>.tmp<PID>`, then renamed.
 An unreadable cache is rebuilt (one notice line); leftovers of killed builds are removed.
 """
-import argparse, calendar, csv, datetime, gzip, hashlib, html, importlib.util, json, math, os
+import calendar, csv, datetime, gzip, hashlib, html, importlib.util, json, math, os
 import re, shutil, sys, time, zlib
 from dataclasses import dataclass
 
 import numpy as np
+
+from common import CLIParser, UserError, fsync_dir, is_main, main_first, nonneg_int, pos_int, run_cli
 
 PROTOCOL_VERSION = 1  # bump when samples, filters or the synthetic generator change
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -72,288 +75,8 @@ DOMAINS = {
 }
 
 
-# ----------------------------------------------------------------------------- shared helpers
-# Every CLI of the project (data, train, eval, baselines, bench) uses these: one user-error type,
-# one parser that prints `error: ...` on one line and exits 2, one slug, one atomic write, one JSONL
-# log, and the few collectives a run under torchrun needs (section "distributed" below).
-
-class UserError(Exception):
-    """A user-facing problem: CLIs print `error: <msg>` on one line and exit 2 (no traceback)."""
-
-
 class DataError(UserError):
     """A user-facing data problem: one line naming the file/line and what is wrong."""
-
-
-class CLIParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line `error: <prog>: ...` and exit code 2 (no usage dump)."""
-
-    def error(self, message):
-        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-    def parse_saved(self, saved, path, required=(), skip=("resume", "preset")):
-        """A saved config (e.g. a checkpoint's run_config.json at `path`) back through this parser: types, ranges
-        and choices checked like the command line; a damaged or edited file is refused in one line naming it.
-        A key in `required` must be present; another flag missing from the file takes its default."""
-        defaults = vars(self.parse_args([]))
-        missing = [k for k in required if k not in saved]
-        if missing:
-            raise UserError(f"{path}: key {missing[0]!r} is missing; use a file written by this program")
-        argv = [x for k in defaults if k not in skip and saved.get(k) is not None and saved[k] is not False
-                for x in [f"--{k.replace('_', '-')}"] + ([] if saved[k] is True else [str(saved[k])])]
-
-        def refuse(msg):
-            raise UserError(f"{path}: {msg}; the file was edited or damaged")
-        error, self.error = self.error, refuse
-        try:
-            return {**saved, **vars(self.parse_args(argv))}
-        finally:
-            self.error = error
-
-
-def run_cli(fn, *args):
-    """Call fn(*args); a UserError becomes `error: <msg>` on stderr and exit code 2. Launched by torchrun,
-    the process joins its group first and leaves it at the end (init_distributed)."""
-    init_distributed()
-    try:
-        return fn(*args)
-    except UserError as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        close_distributed()
-
-
-def _number(kind, lo=None, lo_open=False, hi=None):
-    """argparse type: int/float in a range; the message names the accepted range."""
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if kind is float and not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
-            rng = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise argparse.ArgumentTypeError(f"{text} must be {rng}")
-        return v
-    parse.__name__ = kind.__name__   # argparse names the type in its messages
-    return parse
-
-
-pos_int, nonneg_int = _number(int, 1), _number(int, 0)
-pos_float, nonneg_float, unit_float = _number(float, 0, True), _number(float, 0), _number(float, 0, hi=1)
-
-
-def slug(name):
-    """A dataset name as a folder/file name: ml-100k -> ml-100k, csv:/a/b -> csv-a-b."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "dataset"
-
-
-def fsync_dir(path):
-    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def check_out_dir(path, flag):
-    """Refuse an output folder that could not be created or written, before any work is done."""
-    p = os.path.abspath(os.path.expanduser(path))
-    while not os.path.exists(p) and os.path.dirname(p) != p:
-        p = os.path.dirname(p)   # the nearest existing ancestor: where the first mkdir would happen
-    if not os.path.isdir(p):
-        raise UserError(f"{flag} {path}: {p} is a file, not a folder; choose another {flag}")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: folder {p} is not writable; choose another {flag}")
-
-
-def atomic_write(path, content):
-    """Write str/bytes to path via a fsynced temp file + rename: readers see the old or the new file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(d)
-
-
-REPORTERS = ("none", "tensorboard", "wandb")   # train.py --report-to, as in HF Trainer and TRL
-
-
-def reporter(kind, logdir=None):
-    """None, or f(record) sending a record's numbers (keyed by its "step") to TensorBoard or wandb. Both are
-    optional packages, imported only when asked; wandb runs offline unless WANDB_MODE says otherwise. With
-    logdir=None only checks that the package is there (UserError otherwise)."""
-    if kind == "none":
-        return None
-    try:
-        if kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-        else:
-            import wandb
-    except ImportError:
-        raise UserError(f"--report-to {kind}: pip install {kind} (an optional package)") from None
-    if logdir is None:
-        return None
-    if kind == "tensorboard":
-        w = SummaryWriter(os.path.join(logdir, "tensorboard"))
-        return lambda rec: [w.add_scalar(k, v, rec["step"]) for k, v in rec.items() if isinstance(v, (int, float))
-                            and not isinstance(v, bool)] and w.flush()
-    run = wandb.init(project="r2ec", dir=logdir, mode=os.environ.get("WANDB_MODE", "offline"))
-    return lambda rec: run.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
-
-
-def jsonl_logger(path, report_to="none"):
-    """log(record, line=None): append a JSON record to path (flushed), print the line above any progress
-    bar, and send step records to --report-to. Under torchrun only the main process logs."""
-    if not is_main():
-        return lambda rec, line=None: None
-    from tqdm import tqdm
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    f, send = open(path, "a"), reporter(report_to, os.path.dirname(path) or ".")
-
-    def log(rec, line=None):
-        print(json.dumps(rec), file=f, flush=True)
-        if send and "step" in rec:
-            send(rec)
-        if line:
-            tqdm.write(line)
-    return log
-
-
-# ----------------------------------------------------------------------------- distributed
-# `torchrun --nproc_per_node N train.py ...` starts N processes and gives each RANK, WORLD_SIZE and
-# LOCAL_RANK; run_cli() joins them into one group: NCCL carries CUDA tensors, gloo CPU tensors (and
-# every tensor on a machine without CUDA). Without torchrun, or with N = 1, there is no group and every
-# helper below returns at once: the single-process path runs no collective at all.
-
-def world():
-    """Number of processes (torchrun's WORLD_SIZE; 1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank():
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main():
-    """True on the one process that prints, logs and writes checkpoints (rank 0)."""
-    return rank() == 0
-
-
-def init_distributed():
-    """Join torchrun's process group (once); the other processes' stdout goes to /dev/null."""
-    if world() == 1:
-        return
-    import torch
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        cuda, local = torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", "0"))
-        if cuda and local < torch.cuda.device_count():   # one GPU per process (eval.pick_device agrees)
-            torch.cuda.set_device(local)
-        # generous timeout: the others wait at a barrier while rank 0 builds a large dataset's cache
-        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
-    if not is_main():
-        sys.stdout = open(os.devnull, "w")
-
-
-def close_distributed():
-    if world() > 1:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def rank_slice(n):
-    """This process's contiguous share of n things (n a multiple of world())."""
-    return slice(rank() * n // world(), (rank() + 1) * n // world())
-
-
-def barrier():
-    if world() > 1:
-        import torch
-        torch.distributed.all_reduce(torch.zeros(1))   # a CPU tensor: gloo, whatever the device
-
-
-def main_first(fn, *args, **kw):
-    """fn(*args, **kw) on the main process first (it builds the caches: dataset, tokenizer, converted
-    GGUF), then on the others, which read them."""
-    if not is_main():
-        barrier()
-    out = fn(*args, **kw)
-    if is_main():
-        barrier()
-    return out
-
-
-def all_reduce(x, op="sum"):
-    """Sum (op="max": maximum) over the processes: a tensor in place (returned), or a dict of numbers
-    (-> a new dict; a CPU float64 tensor under the hood)."""
-    if world() == 1 or isinstance(x, dict) and not x:
-        return x
-    import torch
-    import torch.distributed as dist
-    o = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-    if isinstance(x, dict):
-        keys = sorted(x)
-        t = torch.tensor([float(x[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce(t, o)
-        return {k: type(x[k])(v) for k, v in zip(keys, t.tolist())}
-    dist.all_reduce(x, o)
-    return x
-
-
-def any_rank(flag):
-    """True on every process if flag is True on any: a decision read off a clock must be the same on all."""
-    return bool(flag) if world() == 1 else all_reduce({"f": float(bool(flag))}, "max")["f"] > 0
-
-
-def all_gather(t):
-    """Every process's tensor t, concatenated along dim 0 in rank order. The sizes may differ: dim 0 freely,
-    the other dims (a padded sequence length) are zero-padded at their end to the largest. Dicts and tuples
-    of tensors: gathered entry by entry."""
-    if world() == 1:
-        return t
-    if isinstance(t, (dict, tuple)):
-        return {k: all_gather(v) for k, v in t.items()} if isinstance(t, dict) else tuple(map(all_gather, t))
-    import torch
-    import torch.distributed as dist
-    shape = torch.tensor(t.shape, device=t.device)
-    shapes = [torch.zeros_like(shape) for _ in range(world())]
-    dist.all_gather(shapes, shape)
-    n, big = [int(s[0]) for s in shapes], torch.stack(shapes).amax(0).tolist()
-    x = t.to(torch.uint8) if t.dtype == torch.bool else t   # not every backend carries bool
-    pad = [p for d in reversed(range(t.dim())) for p in (0, big[d] - t.shape[d])]
-    out = [x.new_empty(big) for _ in n]
-    dist.all_gather(out, torch.nn.functional.pad(x, pad).contiguous())
-    return torch.cat([o[:k] for o, k in zip(out, n)]).to(t.dtype)
-
-
-def all_reduce_grads(params):
-    """Sum every parameter's gradient over the processes. Each process weighted its micro-batch losses by
-    their share of the GLOBAL batch, so the sum is the gradient one process would have accumulated."""
-    if world() == 1:
-        return
-    import torch
-    import torch.distributed as dist
-    has = all_reduce(torch.tensor([float(p.grad is not None) for p in params]), "max")   # a grad anywhere
-    for p, h in zip(params, has.tolist()):
-        if h:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
 
 
 def domain_for(name):
@@ -548,15 +271,19 @@ def _genres(names):
     return "Genres: " + ", ".join(names) + "." if names else ""
 
 
-def _movielens_files(d, name):
-    """(layout, interactions file, item file) of the MovieLens copy in directory d."""
+def _movielens_files(name, rest, data_dir, kw):
+    """FORMATS "ml-": the MovieLens copy in data_dir (else recbole's): (slug, [ratings, items], None)."""
+    d = data_dir or _recbole_dir(name)
+    if d is None:
+        raise DataError(f"{name} not found: " + (f"run `pip install --no-deps recbole==1.2.1`, or pass --data-dir "
+                        f"DIR with u.data and u.item from {ML100K_URL}" if name == "ml-100k" else
+                        f"unzip https://files.grouplens.org/datasets/movielens/{name}.zip and pass --data-dir DIR"))
+    if not os.path.isdir(d):
+        raise DataError(f"--data-dir {d}: not a directory")
     j = lambda f: os.path.join(d, f)
-    if os.path.isfile(j("u.data")) or os.path.isfile(j("u.item")):
-        return "u.data", j("u.data"), j("u.item")
-    if os.path.isfile(j("ratings.dat")):
-        return "dat", j("ratings.dat"), j("movies.dat")
-    if os.path.isfile(j("ratings.csv")):
-        return "csv", j("ratings.csv"), j("movies.csv")
+    for ratings, movies in (("u.data", "u.item"), ("ratings.dat", "movies.dat"), ("ratings.csv", "movies.csv")):
+        if os.path.isfile(j(ratings)) or ratings == "u.data" and os.path.isfile(j(movies)):
+            return name, [j(ratings), j(movies)], None
     try:
         cands = [x for x in sorted(os.listdir(d)) if x.endswith(".inter")]
     except OSError as e:
@@ -565,25 +292,24 @@ def _movielens_files(d, name):
         raise DataError(f"{d}: no MovieLens files (expected u.data+u.item, ratings.dat+movies.dat, "
                         f"ratings.csv+movies.csv, or RecBole {name}.inter+{name}.item)")
     base = f"{name}.inter" if f"{name}.inter" in cands else cands[0]
-    return "recbole", j(base), j(base[:-6] + ".item")
+    return name, [j(base), j(base[:-6] + ".item")], None
 
 
-def _movielens(layout, path, meta_path):
-    """Parse one of the MovieLens layouts (see _movielens_files)."""
-    UIRT = ["user", "item", "rating", "timestamp"]
-    raw = Raw(path, meta_path)
+def _movielens(path, meta_path):
+    """Parse one of the MovieLens layouts, told apart by the ratings file's name (see _movielens_files)."""
+    UIRT, layout, raw = ["user", "item", "rating", "timestamp"], os.path.basename(path), Raw(path, meta_path)
     if layout == "u.data":
         for ln, r in _table(raw.path, "\t", UIRT, header=False):
             raw.add(ln, r["user"], r["item"], r["rating"], r["timestamp"])
         for ln, r in _table(raw.meta_path, "|", ["id", "title", "date", "video", "url"] + ML_GENRES,
                             "latin-1", header=False):
             raw.put(ln, r["id"], r["title"], _genres([g for g in ML_GENRES if r[g] == "1"]))
-    elif layout == "dat":
+    elif layout == "ratings.dat":
         for ln, r in _table(raw.path, "::", UIRT, "latin-1", header=False):
             raw.add(ln, r["user"], r["item"], r["rating"], r["timestamp"])
         for ln, r in _table(raw.meta_path, "::", ["id", "title", "genres"], "latin-1", header=False):
             raw.put(ln, r["id"], r["title"], _genres(r["genres"].split("|")))
-    elif layout == "csv":
+    elif layout == "ratings.csv":
         for ln, r in _table(raw.path, "csv", ["userId", "movieId", "rating", "timestamp"]):
             raw.add(ln, r["userId"], r["movieId"], r["rating"], r["timestamp"])
         for ln, r in _table(raw.meta_path, "csv", ["movieId", "title"]):
@@ -636,8 +362,11 @@ def _amazon_problem(o):
     return None if ok else "price missing or not a number"
 
 
-def _amazon_files(cat, d):
-    """The ratings and metadata files of category `cat` in directory d (plain or .gz)."""
+def _amazon_files(name, cat, d, kw):
+    """FORMATS "amazon-2023:": category `cat`'s ratings and metadata files in data_dir d (plain or .gz)."""
+    if not d or not os.path.isdir(d):
+        raise DataError(f"{name}: pass --data-dir DIR holding {cat}.csv.gz and meta_{cat}.jsonl.gz "
+                        f"(https://amazon-reviews-2023.github.io)")
     pick = lambda base: next((os.path.join(d, base + z) for z in ("", ".gz")
                               if os.path.isfile(os.path.join(d, base + z))), None)
     url = "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_2023"
@@ -645,7 +374,7 @@ def _amazon_files(cat, d):
                     (f"meta_{cat}.jsonl", f"{url}/raw/meta_categories/meta_{cat}.jsonl.gz")):
         if pick(base) is None:
             raise DataError(f"{d}: missing {base}[.gz]; download {u} into it")
-    return pick(f"{cat}.csv"), pick(f"meta_{cat}.jsonl")
+    return f"amazon-2023_{cat}", [pick(f"{cat}.csv"), pick(f"meta_{cat}.jsonl")], None
 
 
 def _finite(x):
@@ -707,8 +436,17 @@ def _amazon(path, meta_path, verbose):
     return raw
 
 
-def _csv(d):
-    raw = Raw(os.path.join(d, "interactions.csv"), os.path.join(d, "items.csv"))
+def _csv_files(name, rest, data_dir, kw):
+    """FORMATS "csv:": the folder named after the prefix; slug = its name + a hash of its absolute path."""
+    d = os.path.abspath(os.path.expanduser(rest))
+    if not os.path.isdir(d):
+        raise DataError(f"{name}: directory {d} not found")
+    slug = f"csv_{os.path.basename(d)}_{hashlib.sha1(d.encode()).hexdigest()[:8]}"
+    return slug, [os.path.join(d, "interactions.csv"), os.path.join(d, "items.csv")], None
+
+
+def _csv(path, meta_path):
+    raw = Raw(path, meta_path)
     for ln, r in _table(raw.path, "csv", ["user", "item", "timestamp"], optional=["rating"]):
         raw.add(ln, r["user"], r["item"], r.get("rating", 0), r["timestamp"])
     for ln, r in _table(raw.meta_path, "csv", ["item", "title"], optional=["description"]):
@@ -726,18 +464,23 @@ GENRES = ["drama", "comedy", "thriller", "romance", "sci-fi", "western", "horror
 SYNTH_MIN_ITEMS = 2 * len(GENRES)  # every genre cycle needs >= 2 items
 
 
-def _synthetic_params(kw):
-    """--num-users/--num-items/--seed of the synthetic data, checked (None = the default)."""
+def _synthetic_files(name, rest, data_dir, kw):
+    """FORMATS "synthetic": `synthetic` (= synthetic:600x400) or `synthetic:<users>x<items>`, seed= (default 0) ->
+    (slug, no files, the generator's parameters). Legacy num_users=/num_items= (None = default) size a plain one."""
+    m = re.fullmatch(r":([1-9]\d*)x([1-9]\d*)", rest)
+    form = (f"dataset {name!r}: expected synthetic or synthetic:<users>x<items>, users in [1, {SYNTH_MAX:,}], "
+            f"items in [{SYNTH_MIN_ITEMS}, {SYNTH_MAX:,}] (e.g. synthetic:60x40)")
+    if rest and not m or m and any(kw.get(k) is not None for k in ("num_users", "num_items")):
+        raise DataError(form + (", and no num_users=/num_items=" if m else ""))
+    given = {"num_users": int(m[1]), "num_items": int(m[2]), "seed": kw.get("seed")} if m else kw
     p = {}
-    for k, default, lo, hi, flag in (("num_users", 600, 1, SYNTH_MAX, "--num-users"),
-                                     ("num_items", 400, SYNTH_MIN_ITEMS, SYNTH_MAX, "--num-items"),
-                                     ("seed", 0, 0, 2**63 - 1, "--seed")):
-        v = kw.get(k)
-        v = default if v is None else v
+    for k, default, lo, hi in (("num_users", 600, 1, SYNTH_MAX), ("num_items", 400, SYNTH_MIN_ITEMS, SYNTH_MAX),
+                               ("seed", 0, 0, 2**63 - 1)):
+        v = default if given.get(k) is None else given[k]
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
-            raise DataError(f"synthetic: {flag} {v!r} must be an integer in [{lo:,}, {hi:,}]")
+            raise DataError(form if m and k != "seed" else f"synthetic: {k} {v!r} must be an integer in [{lo}, {hi:,}]")
         p[k] = int(v)
-    return p
+    return f"synthetic-u{p['num_users']}-i{p['num_items']}-s{p['seed']}", [], p
 
 
 def _synthetic(num_users=600, num_items=400, seed=0):
@@ -792,6 +535,17 @@ def _synthetic(num_users=600, num_items=400, seed=0):
     used = set(its)
     raw.meta = {k: v for k, v in meta.items() if k in used}
     return raw
+
+
+# Dataset formats: name prefix (the longest match; one ending in ':' needs more) -> (choices named in errors, files,
+# parse): files(name, rest of the name, data_dir, kw) -> (cache slug, input files, parameters or None), parse(files,
+# parameters, verbose) -> Raw. A new format is one entry, its files function and its parser.
+FORMATS = {
+    "synthetic": ("synthetic", _synthetic_files, lambda files, p, verbose: _synthetic(**p)),
+    "ml-": ("ml-100k, ml-1m", _movielens_files, lambda files, p, verbose: _movielens(*files)),
+    "amazon-2023:": ("amazon-2023:<Category>", _amazon_files, lambda files, p, verbose: _amazon(*files, verbose)),
+    "csv:": ("csv:<dir>", _csv_files, lambda files, p, verbose: _csv(*files)),
+}
 
 
 # ----------------------------------------------------------------------------- samples
@@ -882,40 +636,15 @@ def _build(raw, H, split):
 # ----------------------------------------------------------------------------- cache + entry point
 
 def _resolve(name, data_dir, kw, verbose):
-    """-> (slug, input files for the cache key, synthetic parameters, parse function).
-    Everything checkable without parsing is checked here, before any folder is created."""
-    data_dir = os.path.expanduser(data_dir) if data_dir else None
-    if name == "synthetic":
-        p = _synthetic_params(kw)
-        return f"synthetic-u{p['num_users']}-i{p['num_items']}-s{p['seed']}", [], p, lambda: _synthetic(**p)
-    if name.startswith("ml-"):
-        d = data_dir or _recbole_dir(name)
-        if d is None:
-            raise DataError(f"{name} not found: run `pip install --no-deps recbole==1.2.1`, or pass "
-                            f"--data-dir DIR with u.data and u.item from {ML100K_URL}"
-                            if name == "ml-100k" else
-                            f"{name} not found: unzip https://files.grouplens.org/datasets/movielens/"
-                            f"{name}.zip and pass --data-dir DIR")
-        if not os.path.isdir(d):
-            raise DataError(f"--data-dir {d}: not a directory")
-        layout, path, meta = _movielens_files(d, name)
-        return name, [path, meta], None, lambda: _movielens(layout, path, meta)
-    if name.startswith("amazon-2023:") and len(name) > 12:
-        cat = name.split(":", 1)[1]
-        if not data_dir or not os.path.isdir(data_dir):
-            raise DataError(f"{name}: pass --data-dir DIR holding {cat}.csv.gz and meta_{cat}.jsonl.gz "
-                            f"(https://amazon-reviews-2023.github.io)")
-        path, meta = _amazon_files(cat, data_dir)
-        return f"amazon-2023_{cat}", [path, meta], None, lambda: _amazon(path, meta, verbose)
-    if name.startswith("csv:") and len(name) > 4:
-        d = os.path.abspath(os.path.expanduser(name[4:]))
-        if not os.path.isdir(d):
-            raise DataError(f"{name}: directory {d} not found")
-        slug = f"csv_{os.path.basename(d)}_{hashlib.sha1(d.encode()).hexdigest()[:8]}"
-        return slug, [os.path.join(d, "interactions.csv"), os.path.join(d, "items.csv")], None, \
-            lambda: _csv(d)
-    raise DataError(f"unknown dataset '{name}' (choose synthetic, ml-100k, ml-1m, "
-                    f"amazon-2023:<Category>, or csv:<dir>)")
+    """-> (name in the cache key, slug, input files, parameters, parse()), all checked before any folder is made.
+    A format with parameters is keyed by its prefix + them: synthetic:60x40 keeps its key from before it was a name."""
+    prefix = max((p for p in FORMATS if name.startswith(p) and (name != p or p[-1] != ":")), key=len, default=None)
+    if prefix is None:
+        *rest, last = [c for c, _, _ in FORMATS.values()]
+        raise DataError(f"unknown dataset '{name}' (choose {', '.join(rest)}, or {last})")
+    _, files_of, parse = FORMATS[prefix]
+    slug, files, params = files_of(name, name[len(prefix):], data_dir and os.path.expanduser(data_dir), kw)
+    return name if params is None else prefix, slug, files, params, lambda: parse(files, params, verbose)
 
 
 def _root(kw):
@@ -1031,8 +760,8 @@ def load_dataset(name, data_dir=None, history=20, rebuild=False, verbose=True, s
     if split not in ("temporal", "loo"):
         raise DataError(f"--split {split}: choose temporal or loo")
     history = int(history)
-    slug, files, params, parse = _resolve(str(name), data_dir, kw, verbose)
-    proto = {"version": PROTOCOL_VERSION, "name": name, "history": history, "split": split,
+    key_name, slug, files, params, parse = _resolve(str(name), data_dir, kw, verbose)
+    proto = {"version": PROTOCOL_VERSION, "name": key_name, "history": history, "split": split,
              "amazon_window": list(AMAZON_WINDOW), "amazon_min_items": AMAZON_MIN_ITEMS}
     inputs = [proto, params, [_fingerprint(f) for f in files]]  # each input file's bytes hashed once
     key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
@@ -1075,10 +804,11 @@ def train_indices(step, B, n, seed):
 
 def load_for_run(cfg, data_dir=None, verbose=True):
     """The dataset of a run config (train.py's flags or a checkpoint's run_config.json)."""
-    kw = {"num_users": cfg["synthetic_users"], "num_items": cfg["synthetic_items"]} \
-        if cfg["dataset"] == "synthetic" else {}
-    return main_first(load_dataset, cfg["dataset"], data_dir=data_dir or cfg.get("data_dir"),
-                      history=cfg["history"], verbose=verbose and is_main(), **kw)
+    name = cfg["dataset"]
+    if name == "synthetic" and ("synthetic_users" in cfg or "synthetic_items" in cfg):  # saved before sizes were names
+        name = f"synthetic:{cfg.get('synthetic_users', 600)}x{cfg.get('synthetic_items', 400)}"
+    return main_first(load_dataset, name, data_dir=data_dir or cfg.get("data_dir"), history=cfg["history"],
+                      verbose=verbose and is_main())
 
 
 def format_stats(ds):
@@ -1104,20 +834,15 @@ def main(argv=None):
     ap = CLIParser(description="Prepare a dataset (the paper's protocol, arXiv 2505.16994 §4 setup) "
                                "and print its statistics.")
     ap.add_argument("--dataset", default="ml-100k",
-                    help="synthetic | ml-100k | ml-1m | amazon-2023:<Category> | csv:<dir>")
+                    help="synthetic[:<users>x<items>] | ml-100k | ml-1m | amazon-2023:<Category> | csv:<dir>")
     ap.add_argument("--data-dir", default=None, help="directory holding the raw files")
     ap.add_argument("--history", type=pos_int, default=20, help="history window H: the most recent items a sample keeps")
     ap.add_argument("--split", default="temporal", choices=["temporal", "loo"],
                     help="temporal 80/10/10 by target time (default, the paper's setup) or leave-one-out")
     ap.add_argument("--rebuild", action="store_true", help="ignore the cache and rebuild")
-    # synthetic data
-    ap.add_argument("--num-users", type=pos_int, default=600, help="synthetic: number of users")
-    ap.add_argument("--num-items", type=pos_int, default=400,
-                    help=f"synthetic: number of items (>= {SYNTH_MIN_ITEMS})")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="synthetic: random seed")
-    args = ap.parse_args(argv)
-    run_cli(lambda: load_dataset(args.dataset, args.data_dir, args.history, args.rebuild, split=args.split,
-                                 num_users=args.num_users, num_items=args.num_items, seed=args.seed))
+    a = ap.parse_args(argv)
+    run_cli(lambda: load_dataset(a.dataset, a.data_dir, a.history, a.rebuild, split=a.split, seed=a.seed))
 
 
 if __name__ == "__main__":

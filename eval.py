@@ -1,6 +1,5 @@
-"""Evaluation under one fixed protocol (arXiv 2505.16994, §4 setup; full-catalog ranking).
-
-Every number this project prints is computed here, the same way for every model:
+"""Evaluation under one fixed protocol (arXiv 2505.16994, §4 setup; full-catalog ranking). Every number this
+project prints is computed here, the same way for every model:
 
 - every sample of the split counts once (no user cap, no sampled negatives);
 - each sample is scored against the FULL catalog, items 1..N;
@@ -10,16 +9,14 @@ Every number this project prints is computed here, the same way for every model:
   a target that sits inside its own history is masked too and counts as a miss (r = N+1), and so does
   a user state or target score that is not finite (NaN can never look good);
 - HR@K = 1[r < K], NDCG@K = 1[r < K] / log2(r + 2) (one relevant item), K in {5, 10, 20}.
-
 Ranks are exact integers, computed per sample, so the metrics never depend on the batch size.
 
-This file owns evaluation: the protocol (header, ranks, metrics, table), popularity, and scoring a
-trained R2ec model or checkpoint. It imports nothing from train.py or baselines.py.
-- evaluate(dataset, split, user_fn, item_table, idx=None): scores are dot products H[b] . E[j] / tau,
-  ranked by kernels.catalog.catalog_stats (never a full B x N logits matrix on the fused paths).
-  idx: a fixed subset of the split (the header then says so).
-- evaluate_scores(dataset, split, score_fn): any scorer score_fn(sample_idx, lo, hi) -> [B, hi-lo],
-  walked in item chunks with the same masking and tie rule. For tests and scorers that are not H . E.
+This file owns the protocol (header, ranks, metrics, table), popularity, scoring a trained R2ec model or
+checkpoint, and its CLI (--ckpt, --history, --plot). It imports nothing from train.py or baselines.py.
+- evaluate(dataset, split, user_fn, item_table, idx=None): scores H[b] . E[j] / tau, ranked by
+  kernels.catalog.catalog_stats (never a full B x N logits matrix on the fused paths); idx: a fixed subset.
+- evaluate_scores(dataset, split, score_fn): any scorer score_fn(sample_idx, lo, hi) -> [B, hi-lo], walked in
+  item chunks with the same masking and tie rule (tests, and scorers that are not H . E).
 - evaluate_popularity(dataset, split, idx=None): items ranked by their train-split target counts.
 - evaluate_model(r, dataset, split, cfg, idx=None): greedy reasoning -> h_T -> evaluate.
 
@@ -30,11 +27,12 @@ trained R2ec model or checkpoint. It imports nothing from train.py or baselines.
         the same numbers, exactly: each process decodes a share of the batches, rank 0 prints
     python eval.py --ckpt out/ml-100k/best --history "Star Wars (1977) | Fargo (1996) | Scream (1996)"
         writes the reasoning for a hand-written history (titles or item ids, oldest first) and the top-10
+    python eval.py --plot out/ml-100k
+        draws the run's curves from its log.jsonl to out/ml-100k/curves.png (needs matplotlib)
 """
-import math
-
 import difflib
 import json
+import math
 import os
 import time
 
@@ -42,21 +40,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint
+import common
 import data
-import model as M
 from kernels.catalog import catalog_stats
 
 KS = (5, 10, 20)
 
 
-class EvalError(data.UserError):
+class EvalError(common.UserError):
     """User-facing evaluation error: CLIs print `error: <msg>` and exit 2."""
 
 
-# --------------------------------------------------------------------------------------------------
-# protocol: header, metrics, table
-
-
+# ------------------------------------------------------------------------- protocol: header, metrics, table
 def get_split(dataset, split_name):
     if split_name not in ("train", "valid", "test"):
         raise EvalError(f"eval.py: unknown split {split_name!r}; use train, valid or test")
@@ -70,12 +66,11 @@ def protocol_header(dataset, split_name, ks=KS, subset=None) -> str:
     k = ", ".join(str(x) for x in ks)
     which = f"{len(split):,} samples, all of them, no user cap" if subset is None else \
         f"fixed subset: {subset[0]:,} of {len(split):,} samples, seed {subset[1]}"
-    return (
-        f"[eval] {dataset.name} | split={split_name} ({which}) | "
-        f"full catalog N={n:,} items (no sampled negatives) | masked: the sample's history items + padding id 0\n"
-        f"[eval] rank r = #{{unmasked items != target with score >= target's}} (pessimistic: ties count against; "
-        f"target inside its own history = miss) | HR@K = 1[r<K], NDCG@K = 1[r<K]/log2(r+2), K in ({k})"
-    )
+    return (f"[eval] {dataset.name} | split={split_name} ({which}) | full catalog N={n:,} items "
+            f"(no sampled negatives) | masked: the sample's history items + padding id 0\n"
+            f"[eval] rank r = #{{unmasked items != target with score >= target's}} (pessimistic: ties count "
+            f"against; target inside its own history = miss) | HR@K = 1[r<K], NDCG@K = 1[r<K]/log2(r+2), "
+            f"K in ({k})")
 
 
 def metrics_from_ranks(ranks, ks=KS) -> dict:
@@ -98,33 +93,24 @@ def format_table(rows, ks=KS) -> str:
     cols = [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
     head = "| model | " + " | ".join(c.upper() for c in cols) + " |"
     sep = "|---|" + "---:|" * len(cols)
-    lines = [head, sep]
-    for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |")
-    return "\n".join(lines)
+    body = [f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |" for name, m in rows.items()]
+    return "\n".join([head, sep] + body)
 
 
-# --------------------------------------------------------------------------------------------------
-# protocol: ranks over the full catalog
-
-
+# -------------------------------------------------------------------- protocol: ranks over the full catalog
 def _batches(S, batch_size, desc, verbose):
     if batch_size < 1:
         raise EvalError(f"eval.py: batch_size must be >= 1, got {batch_size}")
-    starts = range(0, S, batch_size)
-    return tqdm(starts, desc=desc, disable=not verbose, leave=False,
+    return tqdm(range(0, S, batch_size), desc=desc, disable=not verbose, leave=False,
                 total=math.ceil(S / batch_size), unit="batch")
 
 
 def evaluate(dataset, split_name, user_fn, item_table, batch_size=256, tau=1.0, desc=None,
              verbose=True, header=None, impl="auto", return_ranks=False, idx=None):
     """Exact pessimistic ranks of every sample of the split (or of the samples idx), H . E / tau scores.
-
-    user_fn(idx: int64 np.ndarray [B] of sample indices) -> H [B, d] torch tensor.
-    item_table: E [N+1, d] torch tensor, row j = item id j (row 0 = padding, always masked).
-    header: print protocol_header first (default: when verbose).
-    Returns the metrics dict (and the int64 ranks [S] when return_ranks).
-    """
+    user_fn(idx: int64 np.ndarray [B] of sample indices) -> H [B, d] torch tensor; item_table: E [N+1, d],
+    row j = item id j (row 0 = padding, always masked); header: print protocol_header first (default: when
+    verbose). -> the metrics dict (and the int64 ranks [S] when return_ranks)."""
     split = get_split(dataset, split_name)
     E = item_table.detach()
     if E.dim() != 2 or E.shape[0] != dataset.num_items + 1:
@@ -198,11 +184,9 @@ def evaluate_scores(dataset, split_name, score_fn, batch_size=256, item_chunk=40
     return (m, ranks) if return_ranks else m
 
 
-# --------------------------------------------------------------------------------------------------
-# popularity, and the saved baseline rows
-
-
-def evaluate_popularity(dataset, split_name, batch_size=1024, verbose=True, header=None, impl="auto", idx=None):
+# ------------------------------------------------------------------ popularity, and the saved baseline rows
+def evaluate_popularity(dataset, split_name, batch_size=1024, verbose=True, header=None, impl="auto",
+                        idx=None):
     """Items ranked by their train-split target counts. Scores = counts: H = ones [B,1], E = counts
     [N+1,1]; integer counts are exact in fp32, so equal counts stay ties and the pessimistic rule decides."""
     E = torch.from_numpy(dataset.train_counts().astype(np.float32))[:, None]     # [N+1, 1]
@@ -212,7 +196,9 @@ def evaluate_popularity(dataset, split_name, batch_size=1024, verbose=True, head
 
 def subset_idx(n, k, seed):
     """Sorted indices of a fixed seeded subset of k of n samples (k = 0 or k >= n: all of them)."""
-    return np.arange(n) if not k or k >= n else np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+    if not k or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
 
 
 def valid_subset(dataset, k, seed):
@@ -228,7 +214,7 @@ def valid_subset(dataset, k, seed):
 
 def baselines_path(dataset):
     """Where baselines.py writes its table and train.py reads SASRec's row."""
-    return os.path.join("out", "baselines", data.slug(dataset.name) + ".json")
+    return os.path.join("out", "baselines", common.slug(dataset.name) + ".json")
 
 
 def baseline_rows(dataset, split_name="test"):
@@ -243,10 +229,7 @@ def baseline_rows(dataset, split_name="test"):
     return rows
 
 
-# --------------------------------------------------------------------------------------------------
-# a trained R2ec model: greedy reasoning -> h_T -> full-catalog ranks
-
-
+# -------------------------------------- a trained R2ec model: greedy reasoning -> h_T -> full-catalog ranks
 def evaluate_model(r, dataset, split_name, cfg, idx=None, verbose=True):
     """Metrics of samples idx (sorted; default all) of a split, and timings. cfg: the run's config
     (prompt_history, max_new_tokens, no_reasoning, eval_batch_size, kernels)."""
@@ -259,17 +242,18 @@ def evaluate_model(r, dataset, split_name, cfg, idx=None, verbose=True):
                            cfg["eval_batch_size"], verbose, f"eval {split_name}: reasoning", shard=True)
     t0 = time.time()
     m = evaluate(dataset, split_name, lambda j: H[torch.from_numpy(np.searchsorted(idx, j))], r.table.E,
-                 batch_size=1024, tau=r.tau, verbose=False, header=False, impl=cfg.get("kernels", "auto"), idx=idx)
+                 batch_size=1024, tau=r.tau, verbose=False, header=False, impl=cfg.get("kernels", "auto"),
+                 idx=idx)
     tm.update(rank_s=time.time() - t0, n=len(idx))
     return m, tm
 
 
-def evaluate_checkpoint(path, ds, split_name, device, batch_size=None, name=None, verbose=True, baselines=True,
-                        samples=0, seed=0):
-    """Load a checkpoint (no pickle) and score it on a split (samples > 0: a fixed seeded subset of it, said in
-    the header, with popularity on the same subset): prints the protocol header, the table (beside popularity
-    and SASRec when baselines) and the latency. -> (metrics, timings, table rows)."""
-    r, cfg = M.load_checkpoint(path, device=device, dataset=ds)
+def evaluate_checkpoint(path, ds, split_name, device, batch_size=None, name=None, verbose=True,
+                        baselines=True, samples=0, seed=0):
+    """Load a checkpoint (no pickle) and score it on a split (samples > 0: a fixed seeded subset, said in the
+    header, with popularity on the same subset): prints the protocol header, the table (beside popularity and
+    SASRec when baselines) and the latency. -> (metrics, timings, table rows)."""
+    r, cfg = checkpoint.load_checkpoint(path, device=device, dataset=ds)
     bs = cfg["eval_batch_size"] if batch_size is None else batch_size
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:   # an empty batch loop would leave H unset
         raise EvalError(f"--batch-size {bs!r}: must be an integer >= 1")
@@ -281,31 +265,30 @@ def evaluate_checkpoint(path, ds, split_name, device, batch_size=None, name=None
     rows = {name or f"R2ec ({os.path.basename(os.path.normpath(path))})": m,
             **(baseline_rows(ds, split_name) if baselines and len(idx) == n else {})}
     if len(idx) < n:
-        rows["popularity (same subset)"] = evaluate_popularity(ds, split_name, verbose=False, header=False, idx=idx)
+        pop = evaluate_popularity(ds, split_name, verbose=False, header=False, idx=idx)
+        rows["popularity (same subset)"] = pop
     print(format_table(rows) + "\n" + latency_line(tm))
     return m, tm, rows
 
 
 def examples_line(tm):
-    """The greedy reasoning of the split's first samples, as the model wrote it (this process's, under torchrun)."""
+    """The greedy reasoning of the split's first samples, as written (this process's, under torchrun)."""
     ex = tm.get("examples") or {}
     return "".join(f"\n  reasoning, sample {i}: {ex[i]!r}" for i in sorted(ex))
 
 
 def latency_line(tm):
-    return (f"latency: reasoning + h_T (greedy, one cached pass) {1000 * tm['decode_s'] / tm['n']:.2f} ms/user, "
-            f"full-catalog scoring {1000 * tm['rank_s'] / tm['n']:.3f} ms/user "
-            f"({tm['gen_tokens'] / tm['n']:.1f} reasoning tokens/user"
-            + (f", {1 - tm.get('cut', 0) / tm['n']:.1%} wrote <answer> before the cap)" if tm["gen_tokens"] else ")")
-            + examples_line(tm))
+    n = tm["n"]
+    cut = f", {1 - tm.get('cut', 0) / n:.1%} wrote <answer> before the cap)" if tm["gen_tokens"] else ")"
+    return (f"latency: reasoning + h_T (greedy, one cached pass) {1000 * tm['decode_s'] / n:.2f} ms/user, "
+            f"full-catalog scoring {1000 * tm['rank_s'] / n:.3f} ms/user "
+            f"({tm['gen_tokens'] / n:.1f} reasoning tokens/user{cut}" + examples_line(tm))
 
 
 def find_items(spec, ds):
     """"title | title | ..." or "id | id" -> item ids; unknown titles: close matches, then EvalError."""
     titles = ds.titles
-    by_title = {}
-    for i, t in enumerate(titles[1:], 1):
-        by_title.setdefault(t.lower(), i)
+    by_title = {t.lower(): i for i, t in reversed(list(enumerate(titles[1:], 1)))}   # equal titles: the first
     ids = []
     for part in [p.strip() for p in spec.split("|") if p.strip()]:
         if part.isdigit():
@@ -337,7 +320,7 @@ def parse_ratings(spec, n=None):
 
 
 def recommend(r, ds, cfg, ids, ratings=None, days_apart=1.0, k=10):
-    """Reasoning and top-k items for one hand-written history (oldest first). -> (text, [(id, title, score)])."""
+    """Reasoning and top-k items for a hand-written history (oldest first). -> (text, [(id, title, score)])"""
     H = ds.history
     ids = ids[-H:]
     n = len(ids)
@@ -348,8 +331,9 @@ def recommend(r, ds, cfg, ids, ratings=None, days_apart=1.0, k=10):
     tim[0, H - n:] = [t_now - int(86400 * days_apart * (n - j)) for j in range(n)]
     keep = slice(-int(cfg["prompt_history"]), None)
     prompt = r.user_prompt_ids(hist[:, keep], rat[:, keep], tim[:, keep], np.array([t_now]))
-    with M.autocast(r.device):
-        ro, h = r.decode(prompt, greedy=True, max_new_tokens=0 if cfg.get("no_reasoning") else cfg["max_new_tokens"])
+    steps = 0 if cfg.get("no_reasoning") else cfg["max_new_tokens"]
+    with common.autocast(r.device):
+        ro, h = r.decode(prompt, greedy=True, max_new_tokens=steps)
     E = r.table.E
     st = catalog_stats(h.to(E.device), E, torch.tensor([ids[-1]], device=E.device),
                        exclude=torch.from_numpy(hist).to(E.device), tau=r.tau, topk=k)
@@ -358,50 +342,52 @@ def recommend(r, ds, cfg, ids, ratings=None, days_apart=1.0, k=10):
 
 
 def final_cost(state, n_test, cfg, share):
-    """Seconds to reserve for the final test pass: its estimate from the measured valid pass, but never more
-    than (1 - share) of the budget: training always gets its share, and a slow machine is reported."""
-    ev_ = [e for e in state["evals"] if "eval_n" in e]
-    n_test = min(n_test, cfg.get("test_samples") or n_test)    # --test-samples: that subset only
-    # the test pass re-scores the saved item table: a valid pass's reasoning and ranking, not its table refresh
-    per = ev_ and (ev_[-1].get("eval_decode_s", ev_[-1]["eval_s"]) + ev_[-1].get("eval_rank_s", 0)) / ev_[-1]["eval_n"]
-    est = 0 if cfg["no_test"] or not ev_ else 1.15 * per * n_test + 15
+    """Seconds to reserve for the final test pass: its estimate from the last measured valid pass, but never
+    more than (1 - share) of the budget: training always gets its share, and a slow machine is reported."""
+    last = next((e for e in reversed(state["evals"]) if "eval_n" in e), None)
+    k = cfg.get("test_samples", 0)   # -1: no test pass, 0: all n_test samples, N: a subset of N
+    # the test pass re-scores the saved item table: that pass's reasoning and ranking, not its table refresh
+    per = last and (last.get("eval_decode_s", last["eval_s"]) + last.get("eval_rank_s", 0)) / last["eval_n"]
+    est = 0 if k < 0 or not last else 1.15 * per * min(n_test, k or n_test) + 15
     cap = (1 - share) * cfg["time_budget"] * 60
     if est > cap and not state.get("slow_warned"):
         state["slow_warned"] = True
-        tqdm.write(f"warning: this machine is slower than expected: the test pass is estimated at {est:.0f}s, "
-                   f"over the {cap:.0f}s the budget leaves it; training keeps {share:.0%} of the budget and "
-                   f"the run will end about {est - cap:.0f}s late")
+        tqdm.write(f"warning: this machine is slower than expected: the test pass is estimated at "
+                   f"{est:.0f}s, over the {cap:.0f}s the budget leaves it; training keeps {share:.0%} of the "
+                   f"budget and the run will end about {est - cap:.0f}s late")
     return min(est, cap)
 
 
 def main(argv=None):
-    p = data.CLIParser(description="Score a trained R2ec checkpoint under the protocol, or recommend for a "
-                       "hand-written history.")
+    p = common.CLIParser(description="Score a trained R2ec checkpoint under the protocol, or recommend for a "
+                         "hand-written history.")
     p.add_argument("--ckpt", help="checkpoint folder written by train.py (e.g. out/ml-100k/best)")
-    p.add_argument("--plot", metavar="RUN", help="instead: draw a run's curves (out/ml-100k) from its log.jsonl "
-                   "to RUN/curves.png (needs the optional package matplotlib)")
-    p.add_argument("--split", default="test", choices=("test", "valid"), help="split to score (default all of it)")
-    p.add_argument("--batch-size", type=data.pos_int, default=None, help="users per greedy-reasoning batch "
+    p.add_argument("--plot", metavar="RUN", help="instead: draw a run's curves (out/ml-100k) from its "
+                   "log.jsonl to RUN/curves.png (needs the optional package matplotlib)")
+    p.add_argument("--split", default="test", choices=("test", "valid"),
+                   help="split to score (default all of it)")
+    p.add_argument("--batch-size", type=common.pos_int, default=None, help="users per greedy-reasoning batch "
                    "(default: the training run's --eval-batch-size; results do not depend on it)")
-    p.add_argument("--samples", type=data.nonneg_int, default=0, help="score a fixed seeded subset of N samples "
-                   "of the split (said in the header; popularity on the same subset), 0 = all")
-    p.add_argument("--seed", type=data.nonneg_int, default=0, help="seed of the --samples subset")
+    p.add_argument("--samples", type=common.nonneg_int, default=0, help="score a fixed seeded subset of N "
+                   "samples of the split (said in the header; popularity on the same subset), 0 = all")
+    p.add_argument("--seed", type=common.nonneg_int, default=0, help="seed of the --samples subset")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--data-dir", default=None, help="raw data folder (default: the training run's)")
     p.add_argument("--history", default=None, help="'title | title | ...' or 'id | id | ...', oldest first: "
                    "print the reasoning and the top-10 instead of scoring a split")
-    p.add_argument("--ratings", default=None, help="ratings of --history items, '5 | 4 | ...' (default 4 each)")
-    p.add_argument("--days-apart", type=data.nonneg_float, default=1.0,
+    p.add_argument("--ratings", default=None,
+                   help="ratings of --history items, '5 | 4 | ...' (default 4 each)")
+    p.add_argument("--days-apart", type=common.nonneg_float, default=1.0,
                    help="--history: days between consecutive items (at most 36500)")
     args = p.parse_args(argv)
     if not (args.ckpt or args.plot) or (args.ckpt and args.plot):
         p.error("give exactly one of --ckpt CKPT or --plot RUN")
-    data.run_cli(plot_run if args.plot else run, args.plot or args)
+    common.run_cli(plot_run if args.plot else run, args.plot or args)
 
 
-CURVES = [("reward", "reward (mean of the G chains)"), ("token_loss", "token loss"), ("item_loss", "item loss"),
-          ("entropy", "sampled-token entropy (nats)"), ("completions/mean_length", "reasoning tokens"),
-          ("val/ndcg@10", "valid NDCG@10 (greedy)")]
+CURVES = [("reward", "reward (mean of the G chains)"), ("token_loss", "token loss"),
+          ("item_loss", "item loss"), ("entropy", "sampled-token entropy (nats)"),
+          ("completions/mean_length", "reasoning tokens"), ("val/ndcg@10", "valid NDCG@10 (greedy)")]
 
 
 def plot_run(run_dir):
@@ -410,7 +396,8 @@ def plot_run(run_dir):
     try:
         recs = [json.loads(x) for x in open(path) if x.strip()]
     except OSError:
-        raise EvalError(f"--plot {run_dir}: no readable log.jsonl there (train.py writes it into --out)") from None
+        raise EvalError(f"--plot {run_dir}: no readable log.jsonl there "
+                        "(train.py writes it into --out)") from None
     except ValueError as e:
         raise EvalError(f"{path}: not JSON lines ({e})") from None
     try:
@@ -433,52 +420,24 @@ def plot_run(run_dir):
     print(f"wrote {out}")
 
 
-def pick_device(name):
-    """auto -> cuda if available else cpu; a CUDA device without CUDA is a user error. Under torchrun a CUDA
-    device is cuda:LOCAL_RANK, one GPU per process, whatever index was asked for (or saved in a config)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and "LOCAL_RANK" in os.environ:
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise EvalError(f"--device {name!r}: use auto, cpu or cuda[:i]") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise EvalError(f"--device {name!r}: use auto, cpu or cuda[:i]")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise EvalError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return name
-
-
-def check_kernels(impl, device, flag="--kernels"):
-    """impl='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1, set before start); refused up front."""
-    from kernels import HAS_TRITON, INTERPRET
-    if impl == "triton" and not (HAS_TRITON and (device.startswith("cuda") or INTERPRET)):
-        need = "a CUDA device (or TRITON_INTERPRET=1 for the interpreter)" if HAS_TRITON else "the triton package"
-        raise EvalError(f"{flag} triton needs {need}; use {flag} auto")
-
-
 def run(args):
-    # every flag is checked before anything is loaded: the cheap checks first, the item lookups before the model
+    # every flag is checked before anything is loaded: cheap checks first, the item lookups before the model
     if args.ratings and not args.history:
         raise EvalError("--ratings needs --history")
     if args.ratings:
         parse_ratings(args.ratings)
     if args.days_apart > 36500:
         raise EvalError(f"--days-apart {args.days_apart:g}: at most 36500 (100 years)")
-    dev = pick_device(args.device)
-    cfg = M.read_run_config(args.ckpt, need=tuple(M.RUN_CONFIG_KEYS))   # every key scoring reads
+    dev = common.pick_device(args.device)
+    cfg = checkpoint.read_run_config(args.ckpt, need=tuple(checkpoint.RUN_CONFIG_KEYS))   # all scoring reads
     ds = data.load_for_run(cfg, args.data_dir, verbose=False)
     if not args.history:
-        evaluate_checkpoint(args.ckpt, ds, args.split, dev, args.batch_size, verbose=data.is_main(), baselines=False,
-                            samples=args.samples, seed=args.seed)
+        evaluate_checkpoint(args.ckpt, ds, args.split, dev, args.batch_size, verbose=common.is_main(),
+                            baselines=False, samples=args.samples, seed=args.seed)
         return
     ids = find_items(args.history, ds)
     ratings = parse_ratings(args.ratings, len(ids)) if args.ratings else None
-    r, cfg = M.load_checkpoint(args.ckpt, device=dev, dataset=ds)
+    r, cfg = checkpoint.load_checkpoint(args.ckpt, device=dev, dataset=ds)
     text, top = recommend(r, ds, cfg, ids, ratings, args.days_apart)
     print("history: " + " | ".join(ds.titles[i] for i in ids))
     print(f"reasoning ({cfg['max_new_tokens']} tokens max, greedy): {text!r}")

@@ -15,9 +15,8 @@ What the paper does
 
 What this file does
     compute_rewards -> compute_advantages -> token_loss + item_loss: every loss term the trainer can
-    run lives here (the three item-loss modes, the KL, the entropy regulariser); item_logprobs gives
-    log π of the item action. Nothing here knows about the model or the data; train.py does rollouts
-    and forwards and calls these.
+    run lives here (the three item-loss modes, the KL); item_logprobs gives log π of the item action.
+    Nothing here knows about the model or the data; train.py does rollouts and forwards and calls these.
 
 Departures from the paper / the authors' reference code, and why
  1. The reference code's broadcast defect. It multiplies a per-row quantity of shape (N, 1) (token
@@ -28,7 +27,7 @@ Departures from the paper / the authors' reference code, and why
     selected advantages. We implement the element-wise objective of the paper.
     `reference_broadcast=True` reproduces the defect faithfully, for ablation only.
  2. Old log-probs: the reference's ratio is exp(logp - logp.detach()); ours takes π_old from the update's
-    first pass (its own numerical path), so --num-iterations > 1 is real PPO and with 1 the ratio is exactly 1.
+    first pass (its own numerical path), so --num-iterations > 1 is real PPO; with 1 the ratio is exactly 1.
  3. Leave-one-out advantage. The reference computes R_i·(1 + 1/G) - mean(R), which is not a
     leave-one-out baseline (its group sum is mean(R), not 0). We use R_i - mean_{j≠i} R_j.
  4. Z-score std: the unbiased (G - 1) estimator, as the reference code and TRL's GRPO do; so G ≥ 2.
@@ -42,17 +41,16 @@ Departures from the paper / the authors' reference code, and why
     rows weigh 0), as in the reference, so the token/item balance matches the authors' runs.
  8. Token aggregation: "token-mean" (default; the reference's sum / #tokens), "sequence-mean" (the
     GRPO paper) or "dr-grpo" (sum / (B · max_len), a constant: Liu et al. 2025, "Dr. GRPO").
- 9. Optional KL to a frozen reference (k3 estimator) and entropy bonus, both off by default as in the paper.
+ 9. Optional KL to a frozen reference (k3 estimator), off by default as in the paper; the entropy is logged.
 10. Beyond the paper, two more candidate sets for the item softmax (see item_logprobs): "sampled", the
     targets + S uniform items, all fresh with grad (the CPU default: in-batch negatives follow popularity,
     which an in-batch softmax divides out); "full", the whole cached table (the fused catalog kernel).
 11. With --relabel-topk >= 2 a selected chain can have a negative advantage, which would push π(v⁺)
     *down*; the reference's summed advantages never do. We clamp the selected advantages at 0.
-12. Optional (`weighting="uniform"`): the selected rows' item loss as a plain cross-entropy, each row weight 1. The
-    paper's A⁺/B gives a user ~A⁺/G of a w/o-reasoning user's item gradient, and none in a group of equal rewards.
-"""
+12. Optional (`weighting="uniform"`): the selected rows' item loss as a plain cross-entropy, each row
+    weight 1. The paper's A⁺/B gives a user ~A⁺/G of a w/o-reasoning user's item gradient, and none in
+    a group of equal rewards."""
 import torch
-import torch.nn.functional as F
 
 from kernels.catalog import catalog_loss, catalog_stats
 
@@ -76,8 +74,7 @@ def compute_rewards(H, E, targets, exclude, tau, k=1000, beta=0.05, kind="mix", 
 
     H [M,d] user states h_T (L2-normalised), E [N,d] item table (L2-normalised; row 0 = padding),
     targets [M], exclude [M,X] history ids, 0-padded (or None). Returns fp32 tensors
-    reward/r_d/r_c [M] and the 0-based pessimistic rank [M] (N when the target is excluded).
-    """
+    reward/r_d/r_c [M] and the 0-based pessimistic rank [M] (N when the target is excluded)."""
     _check("kind", kind, REWARD_KINDS)
     st = catalog_stats(H, E, targets, exclude, tau=tau, impl=impl)
     N = E.shape[0]
@@ -97,13 +94,13 @@ def compute_advantages(rewards, G, kind="gaussian", eps=1e-8):
     """Group-relative advantages. rewards [B*G], G consecutive rows per user.
 
     Returns adv [B*G] fp32 and the fraction of groups whose G rewards are all equal (those groups
-    teach nothing: every advantage is exactly 0). G = 1 (w/o reasoning): A = 1 everywhere.
-    """
+    teach nothing: every advantage is exactly 0). G = 1 (w/o reasoning): A = 1 everywhere."""
     _check("kind", kind, ADVANTAGE_KINDS)
     if G == 1:   # the w/o-reasoning ablation: nothing to compare in a group; every chain gets A = 1
         return torch.ones_like(rewards, dtype=torch.float32), 0.0
     if G < 2 or rewards.numel() % G:
-        raise ValueError(f"need G >= 2 dividing the number of rewards, got G={G} for {rewards.numel()} rewards")
+        raise ValueError(f"need G >= 2 dividing the number of rewards, got G={G} for "
+                         f"{rewards.numel()} rewards")
     R = rewards.float().view(-1, G)                                  # [B, G]
     mean = R.mean(1, keepdim=True)                                   # [B, 1]
     if kind == "gaussian":
@@ -147,18 +144,16 @@ def _aggregate(per_tok, mask, loss_type, max_len):
 # token loss: the reasoning
 
 def token_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28, loss_type="token-mean",
-               max_len=None, ref_logp=None, kl_beta=0.0, reference_broadcast=False, entropy=None,
-               entropy_coef=0.0):
+               max_len=None, ref_logp=None, kl_beta=0.0, reference_broadcast=False, entropy=None):
     """PPO clipped surrogate over the reasoning tokens.
 
     logp [B,L] (with grad), old_logp [B,L] from the rollout (None: ratio 1), adv [B],
     mask [B,L] (True on completion tokens), max_len: dr-grpo's constant (default L),
-    ref_logp [B,L] frozen-reference log-probs for the k3 KL, entropy [B,L] (logged; with grad and
-    entropy_coef > 0, minus entropy_coef x its token mean over the mask is added: an entropy bonus).
-    Returns (scalar loss, stats dict of floats).
-    """
+    ref_logp [B,L] frozen-reference log-probs for the k3 KL, entropy [B,L] (logged, its token mean).
+    Returns (scalar loss, stats dict of floats)."""
     _check("loss_type", loss_type, LOSS_TYPES)
-    m, mf, logp, adv = mask.bool(), mask.bool().float(), logp.float(), adv.detach().float()
+    m, mf = mask.bool(), mask.bool().float()
+    logp, adv = logp.float(), adv.detach().float()
     old = logp.detach() if old_logp is None else old_logp.detach().float()
     ratio = torch.exp((logp - old).masked_fill(~m, 0.0))             # [B, L]; padding -> 1, never inf
     per_tok = _surrogate(ratio, adv, eps_low, eps_high, reference_broadcast)   # [B,L] | [B,B,L]
@@ -177,10 +172,7 @@ def token_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28, loss_type=
     if kl is not None:
         stats["kl"] = ((kl.detach() * mf).sum() / n).item()
     if entropy is not None:
-        ent_mean = (entropy.float() * mf).sum() / n                  # token mean over the mask
-        stats["entropy"] = ent_mean.item()
-        if entropy_coef:
-            loss = loss - entropy_coef * ent_mean
+        stats["entropy"] = ((entropy.detach().float() * mf).sum() / n).item()   # token mean over the mask
     return loss, stats
 
 
@@ -200,25 +192,26 @@ def item_logprobs(h_T, item_emb, targets, tau, mode="inbatch", E=None, exclude=N
     """log π(v⁺ | x, o) [n] of the item action, for `rows` [n] of the batch (default all B).
 
     h_T [B,d] user states, item_emb [B,d] fresh embeddings of each row's target (rows with the same
-    target hold the same item; its first row stands for it), both L2-normalised here (cosine).
+    target hold the same item; its first row stands for it), both the item head's output
+    (model.R2ec.item_head: unit vectors, so h . e / tau is the paper's cos / tau).
     inbatch: softmax over the batch's distinct targets, so duplicates of v⁺ are neither negatives
              nor counted twice.
     sampled: the same, over the distinct ids of the targets + negatives = (ids [S], emb [S,d]) (fresh
              embeddings of uniformly drawn items; an id that is also a target appears once).
-    full:    softmax over the cached table E [N,d] (L2-normalised), history `exclude` [B,X] masked; the
+    full:    softmax over the cached table E [N,d] (item head outputs), history `exclude` [B,X] masked; the
              batch's fresh target rows keep the table's VALUES and take their own gradient
              (straight-through: fresh targets among stale rows were a shortcut the model learned)."""
     _check("mode", mode, ITEM_LOSS_MODES)
     B = h_T.shape[0]
     rows = torch.arange(B, device=h_T.device) if rows is None else rows
-    h = F.normalize(h_T[rows].float(), dim=-1)                       # [n, d]
-    e = F.normalize(item_emb.float(), dim=-1)                        # [B, d]
+    h = h_T[rows].float()                                            # [n, d]
+    e = item_emb.float()                                             # [B, d]
     if mode == "sampled" and negatives is None:
         raise ValueError("item_logprobs(mode='sampled') needs negatives=(ids [S], emb [S,d])")
     if mode == "sampled":
         ids, emb = negatives
         targets = torch.cat([targets, ids.to(targets.device)])       # [B+S] candidates, targets first
-        e = torch.cat([e, F.normalize(emb.float(), dim=-1)])         # [B+S, d]
+        e = torch.cat([e, emb.float()])                              # [B+S, d]
     uniq, first, inv = _first_rows(targets)
     if mode != "full":
         s = h @ e[first].T / tau                                     # [n, U] one column per item
@@ -233,7 +226,7 @@ def item_logprobs(h_T, item_emb, targets, tau, mode="inbatch", E=None, exclude=N
 
 
 def select_rows(adv, G, topk=1):
-    """Rows [n = B/G * k] of the top-k trajectories by advantage in each group of G (sorted); topk 0: all G."""
+    """Rows [n = B/G * k] of the top-k trajectories by advantage per group of G (sorted); topk 0: all G."""
     A = adv.detach().float().view(-1, G)                             # [B/G, G]
     offs = torch.arange(0, A.numel(), G, device=A.device)[:, None]   # [B/G, 1] first row of a group
     return (A.topk(min(topk or G, G), dim=1).indices + offs).flatten().sort().values
@@ -245,10 +238,10 @@ def item_loss(h_T, item_emb, targets, adv, old_logp_item, G, topk=1, tau=0.02, e
     """Clipped surrogate on the item action of the top-`topk` trajectories (by advantage) per group.
 
     Shapes as in item_logprobs; adv [B], old_logp_item [B] (π_old of the item action, None: ratio 1).
-    weighting "advantage" [paper]: sum over selected rows of -min(r·A⁺, clip(r)·A⁺), A⁺ = max(A, 0), / B;
-    "uniform" (departure 12): A⁺ -> 1 and the mean over the selected rows, a plain cross-entropy on them.
-    Returns (scalar loss, stats dict of floats; item_logp is the mean log π(v⁺) of the selected rows).
-    """
+    weighting "advantage" [paper]: the sum over the selected rows of -min(r·A⁺, clip(r)·A⁺) / B,
+    A⁺ = max(A, 0); "uniform" (departure 12): A⁺ -> 1 and the mean over the selected rows, a plain
+    cross-entropy on them.
+    Returns (scalar loss, stats dict of floats; item_logp is the mean log π(v⁺) of the selected rows)."""
     B = h_T.shape[0]
     A = adv.detach().float()
     rows = select_rows(A, G, topk)                                   # [n]
@@ -258,7 +251,8 @@ def item_loss(h_T, item_emb, targets, adv, old_logp_item, G, topk=1, tau=0.02, e
         rows_used = torch.arange(B, device=A.device)
         a = torch.zeros(B, device=A.device).index_copy(0, rows, A[rows])   # [B]
     else:   # departure 11: a selected chain never pushes away from the true item
-        rows_used, a = rows, A[rows].clamp(min=0) if weighting == "advantage" else torch.ones_like(A[rows])
+        rows_used = rows
+        a = A[rows].clamp(min=0) if weighting == "advantage" else torch.ones_like(A[rows])
     logp = item_logprobs(h_T, item_emb, targets, tau, mode, E, exclude, rows_used, impl, negatives)  # [n]
     old = logp.detach() if old_logp_item is None else old_logp_item.detach().float()[rows_used]
     ratio = torch.exp(logp - old)[:, None]                           # [n, 1]
@@ -267,7 +261,8 @@ def item_loss(h_T, item_emb, targets, adv, old_logp_item, G, topk=1, tau=0.02, e
     ones = torch.ones_like(ratio, dtype=torch.bool)
     clip_low, clip_high = _clip_fractions(ratio.detach(), a, ones, eps_low, eps_high)
     sel = logp.detach()[torch.isin(rows_used, rows)] if reference_broadcast else logp.detach()
-    stats = {"item_loss": loss.item(), "item_logp": sel.mean().item(), "item_ratio_mean": ratio.detach().mean().item(),
+    stats = {"item_loss": loss.item(), "item_logp": sel.mean().item(),
+             "item_ratio_mean": ratio.detach().mean().item(),
              "item_clip_low": clip_low, "item_clip_high": clip_high}
     return loss, stats
 
@@ -276,14 +271,15 @@ def item_loss(h_T, item_emb, targets, adv, old_logp_item, G, topk=1, tau=0.02, e
 # what RL practitioners watch, per step
 
 def step_metrics(rw, adv, frac_zero_std, rollout, stats):
-    """Rewards, zero-spread groups, advantages, losses, clips, KL, entropy, lengths: one flat dict of floats."""
+    """Rewards, zero-spread groups, advantages, losses, clips, KL, entropy, lengths: a flat dict of floats."""
     n = rollout["sampled_mask"].sum(1).float()                       # [B*G] sampled tokens per chain
     return {"reward": rw["reward"].mean().item(), "reward_std": rw["reward"].std().item(),
             "r_d": rw["r_d"].mean().item(), "r_c": rw["r_c"].mean().item(),
             "rank_median": rw["rank"].float().median().item(), "frac_reward_zero_std": frac_zero_std,
             "adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_absmax": adv.abs().max().item(),
-            **{k: stats.get(k) for k in ("token_loss", "item_loss", "item_clip_low", "item_clip_high", "item_logp",
-                                         "grad_norm", "skipped", "kl", "entropy")},   # TRL's names where it has one:
+            **{k: stats.get(k) for k in ("token_loss", "item_loss", "item_clip_low", "item_clip_high",
+                                         "item_logp", "grad_norm", "skipped", "kl", "entropy")},
+            # TRL's names where it has one:
             "clip_ratio/low_mean": stats.get("clip_low"), "clip_ratio/high_mean": stats.get("clip_high"),
             "completions/mean_length": n.mean().item(), "completions/max_length": int(n.max().item()),
             "completions/clipped_ratio": rollout["cut"].float().mean().item()}
@@ -291,10 +287,12 @@ def step_metrics(rw, adv, frac_zero_std, rollout, stats):
 
 def format_metrics(m):
     """The one-line summary of a step_metrics record (+ step, learning_rate, step_s, tokens_per_s)."""
-    return (f"step {m['step']} | reward {m['reward']:.4f} (R_d {m['r_d']:.4f} R_c {m['r_c']:.5f}) zero-std "
-            f"{m['frac_reward_zero_std']:.2f} | adv |max| {m['adv_absmax']:.2f} | tok_loss {m['token_loss']:.4f} "
-            f"item_loss {m['item_loss']:.4f} logp(v+) {m['item_logp']:.3f}" + (f" kl {m['kl']:.4f}" if m["kl"] is not None else "")
-            + f" | clip {m['clip_ratio/low_mean']:.3f}/{m['clip_ratio/high_mean']:.3f} | ent {m['entropy'] or 0:.2f} | "
-            f"len {m['completions/mean_length']:.1f}/{m['completions/max_length']} cut {m['completions/clipped_ratio']:.2f}"
+    return (f"step {m['step']} | reward {m['reward']:.4f} (R_d {m['r_d']:.4f} R_c {m['r_c']:.5f}) "
+            f"zero-std {m['frac_reward_zero_std']:.2f} | adv |max| {m['adv_absmax']:.2f} | "
+            f"tok_loss {m['token_loss']:.4f} item_loss {m['item_loss']:.4f} logp(v+) {m['item_logp']:.3f}"
+            + (f" kl {m['kl']:.4f}" if m["kl"] is not None else "")
+            + f" | clip {m['clip_ratio/low_mean']:.3f}/{m['clip_ratio/high_mean']:.3f}"
+            f" | ent {m['entropy'] or 0:.2f} | len {m['completions/mean_length']:.1f}/"
+            f"{m['completions/max_length']} cut {m['completions/clipped_ratio']:.2f}"
             f" | gnorm {m['grad_norm']:.3f} | lr {m['learning_rate']:.2e} | {m['step_s']:.2f}s/step "
             f"{m['tokens_per_s']:.0f} tok/s")

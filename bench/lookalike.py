@@ -7,24 +7,25 @@ tuned on ML-100K alone and did not learn on Amazon CDs: ~3k users, ~5.6k items, 
 Writes the documented `csv:` format (interactions.csv + items.csv): per user, `--keep` interactions drawn at
 random (kept in time order), item titles only (no description, so no genres). Seeded; nothing else changes.
 """
-import argparse
 import csv
+import io
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import data  # noqa: E402
 
 
 def main(argv=None):
-    p = data.CLIParser(description=__doc__.splitlines()[0])
+    p = common.CLIParser(prog="bench/lookalike.py", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="ml-100k")
     p.add_argument("--data-dir")
     p.add_argument("--out", required=True, help="folder for interactions.csv + items.csv")
-    p.add_argument("--keep", type=data.pos_int, default=9, help="interactions kept per user (fewer: all of them)")
-    p.add_argument("--seed", type=data.nonneg_int, default=0)
+    p.add_argument("--keep", type=common.pos_int, default=9, help="interactions kept per user (fewer: all of them)")
+    p.add_argument("--seed", type=common.nonneg_int, default=0)
     a = p.parse_args(argv)
     ds = data.load_dataset(a.dataset, data_dir=a.data_dir, verbose=False)
     rng = np.random.default_rng(a.seed)
@@ -45,16 +46,14 @@ def main(argv=None):
         for k in keep:
             rows.append((f"u{u}", f"i{seq[k][1]}", seq[k][0]))
             used.add(seq[k][1])
-    os.makedirs(a.out, exist_ok=True)
     for name, head, body in (("interactions.csv", ["user", "item", "timestamp"], rows),
                              ("items.csv", ["item", "title"], [(f"i{i}", ds.items[i]["title"]) for i in sorted(used)])):
-        tmp = os.path.join(a.out, name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows([head] + body)
-        os.replace(tmp, os.path.join(a.out, name))
+        buf = io.StringIO(newline="")
+        csv.writer(buf).writerows([head] + body)
+        common.atomic_write(os.path.join(a.out, name), buf.getvalue())
     print(f"{a.out}: {len(seqs):,} users, {len(used):,} items, {len(rows):,} interactions "
           f"({len(rows) / len(seqs):.1f} per user), titles only")
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

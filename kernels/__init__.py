@@ -7,10 +7,10 @@ Both public functions take impl=:
     reference  materialises the logits (the spec the tests compare with)
     torch      chunked PyTorch in fp32 (fp64 for fp64 inputs), small scratch; CPU and fallback
     chunked    row blocks x the WHOLE catalog / vocabulary, logits materialised per block in fp32
-               (bf16/fp16 GEMM output on CUDA), plain matmuls forward and backward; the block holds
-               at most WORKSPACE_BYTES of logits
+               (bf16/fp16 GEMM output on CUDA), plain matmuls forward and backward (catalog ranks:
+               fp64 GEMMs rounded to fp32, as torch); the block holds at most WORKSPACE_BYTES of logits
     triton     fused Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1, set before import)
-    auto       pick_impl: triton under TRITON_INTERPRET=1 (the tests); else the entry that bench.py
+    auto       pick_impl: triton under TRITON_INTERPRET=1 (the tests); else the entry that bench/kernels.py
                measured for this machine kind, dtype, op, gradients and size in dispatch.json; else
                triton on CUDA and torch otherwise
 Argument checks: every public function checks shapes, dtypes and scales on entry and raises a one-line
@@ -111,7 +111,7 @@ def dispatch_key(kind, dtype, op, grads, rows, N, d):
 
 @functools.lru_cache(maxsize=None)
 def dispatch_table():
-    """{key: impl} from DISPATCH_FILE (written by bench.py from its measurements)."""
+    """{key: impl} from DISPATCH_FILE (written by bench/kernels.py from its measurements)."""
     try:
         with open(DISPATCH_FILE) as f:
             return {e["key"]: e["impl"] for e in json.load(f)["entries"]}

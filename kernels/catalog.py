@@ -3,7 +3,8 @@ stats, pessimistic rank, top-k and loss over all N items, never writing the [M, 
 
 Math. User states H [M,d], item table E [N,d] (row j = item id j; row 0 = padding), targets t [M],
 per-row excluded ids X [M,Xc] (0-padded, duplicates allowed), temperature tau:
-    z[m,j]   = H[m] . E[j] / tau                               (fp32 accumulation)
+    z[m,j]   = H[m] . E[j] / tau       (fp32 logits, fp64 for fp64 inputs; z[m,t[m]] by the same
+                                        arithmetic as every other item, so identical items tie exactly)
     A[m]     = {j : j != 0, j not in X[m]}                     (the items row m may be scored on)
     lse[m]   = log sum_{j in A[m]} exp z[m,j]                  (-inf if A[m] is empty)
     rank[m]  = #{j in A[m], j != t[m] : z[m,j] >= z[m,t[m]]}   (0-based, pessimistic: ties count
@@ -24,20 +25,22 @@ q[m] = sum_{j in A'[m], j != t} p[m,j] E[j] accumulated in the forward, so the P
 backward pass over E at all (2 GEMM-sized passes in all instead of 3).
 
 Paths (impl=), GEMM passes for stats / loss fwd / fwd + dH (frozen E) / fwd + dH + dE:
-- reference: materialises [M,N] (the spec).
-- torch: tiles = all M rows x catalog chunks of CHUNK_BYTES; CPU and fallback. Stats use fp64 GEMMs
-  rounded to fp32 so that ties are ties. 1 / 1 / 2 / 4 passes.
+- reference: materialises [M,N] (the spec), by the torch path's formula (_logits, fp64 GEMMs).
+- torch: tiles = all M rows x catalog chunks of CHUNK_BYTES; CPU and fallback. Stats (ranks) use fp64
+  GEMMs rounded to fp32, then scaled by 1/tau: a BLAS may round positions of one GEMM differently
+  (MKL's fp32 GEMV does for the last N % 8 columns), fp64 sums rounded to fp32 agree. The target
+  logits are the diagonals of the same formula on H x E[t] (128-row blocks). 1 / 1 / 2 / 4 passes.
 - chunked: tiles = row blocks x the whole catalog (WORKSPACE_BYTES of logits per block, kernels/
-  __init__.py), plain matmuls in E's dtype on CUDA half inputs (cuBLAS), logits upcast to fp32 per
-  block, the target logit read from the same GEMM output (no fp64 GEMMs: a tie with an identical
-  item relies on the GEMM rounding every position alike; it did on this CPU's BLAS for 192 twins at
-  random positions, N=100,003); dE summed over row blocks by addmm_ in E's dtype.
+  __init__.py), plain matmuls in E's dtype on CUDA half inputs (cuBLAS), else as torch (stats: fp64
+  GEMMs, a table copy in fp64), logits in fp32 per block, the target logit read from the same GEMM
+  output; dE summed over row blocks by addmm_ in E's dtype.
   Same code as torch, only the tiling and the GEMM dtype differ. 1 / 1 / 2 / 4 passes.
 - triton: grid (M-tiles, catalog splits); each program streams its slice of E through tl.dot tiles
   (bf16 in, fp32 accumulate) keeping online (max, sumexp, count) per row; a second step merges
   the [splits, M] partials (deterministic, no atomics). Exclusions are (row, id) pairs sorted by
   tile on the host, so a tile compares only the ~1 pair that falls in it. The target logit comes
-  from a [BM, BM] tile of the same tl.dot steps, so an item identical to the target ties exactly.
+  from a [BM, BN] tile of the same shape and tl.dot steps, so an item identical to the target ties
+  exactly (fp32 accumulation).
   Top-k: a chunk kernel writes masked fp32 logits per catalog chunk, torch.topk merges them.
   Backward: per catalog chunk, a kernel recomputes z and writes dz (E's dtype), then cuBLAS GEMMs
   for the gradients asked for: dH += dz @ E_c (fp32 sum over chunks), dE_c = dz^T @ H (each row
@@ -77,9 +80,27 @@ def _excluded_mask(M, N, exclude, device):
     return mask
 
 
-def _logits_reference(H, E, tau):
+def _dtypes(impl, H, E, exact):
+    """(GEMM dtype, logits dtype). Ranks are computed on fp32 logits (fp64 for fp64 inputs). exact
+    (stats, and the reference): fp32 GEMMs run in fp64 and are rounded to fp32, because a BLAS may round
+    different positions of one product differently (MKL's fp32 GEMV does, for the last N % 8 columns),
+    and an item identical to the target must get bit-identical logits. chunked on CUDA half inputs:
+    GEMMs in E's dtype (cuBLAS), their output upcast to fp32."""
     cdt = torch.promote_types(H.dtype, torch.float32)                          # fp64 stays fp64
-    return (H.to(cdt) @ E.to(cdt).T) / tau                                     # [M, N]
+    if impl == "chunked" and E.is_cuda and E.dtype in (torch.bfloat16, torch.float16):
+        return E.dtype, cdt
+    return (torch.float64, cdt) if exact and cdt == torch.float32 else (cdt, cdt)
+
+
+def _logits(H, E, gdt, cdt, tau):
+    """z = H E^T / tau as every PyTorch path computes it, the targets' logits included: the GEMM in gdt,
+    rounded to cdt, then scaled by 1/tau in cdt. One rounding order: an item identical to the target
+    ties with it exactly."""
+    return (H.to(gdt) @ E.to(gdt).T).to(cdt).mul_(1.0 / tau)
+
+
+def _logits_reference(H, E, tau):
+    return _logits(H, E, *_dtypes("reference", H, E, True), tau)               # [M, N]
 
 
 def _rank(cnt, t_excl, tz, lse, N):
@@ -119,17 +140,6 @@ def _reduce(loss, reduction):
 
 
 # ----------------------------------------------------------------------------- torch and chunked
-def _dtypes(impl, H, E, exact):
-    """(GEMM dtype, logits dtype). torch, exact: fp64 GEMMs rounded to fp32, so that an item identical
-    to the target gets bit-identical logits (BLAS may round differently at different positions of a
-    matrix) and the pessimistic rank counts it; used for catalog_stats. chunked: plain GEMMs (in E's
-    dtype on CUDA half inputs), the target logit read from the same GEMM output."""
-    cdt = torch.promote_types(H.dtype, torch.float32)
-    if impl == "chunked":
-        return (E.dtype if E.is_cuda and E.dtype in (torch.bfloat16, torch.float16) else cdt), cdt
-    return (torch.float64, cdt) if exact and cdt == torch.float32 else (cdt, cdt)
-
-
 def _tiles(impl, H, E, t, exclude, tau, loss, exact=False, tz=None):
     """Yield (r0, r1, c0, c1, z, Ec, tr, tc): masked logits z [r1-r0, c1-c0] of one tile, its item rows
     Ec (GEMM dtype), and the local (row, column) of the targets inside it. torch: all rows x catalog
@@ -149,7 +159,7 @@ def _tiles(impl, H, E, t, exclude, tau, loss, exact=False, tz=None):
         for c0 in range(0, N, cols):
             c1 = min(N, c0 + cols)
             Ec = E[c0:c1].to(gdt) if Eg is None else Eg                       # [c, d]
-            z = (Hr @ Ec.T).to(cdt).mul_(1.0 / tau)                            # [r, c]
+            z = _logits(Hr, Ec, gdt, cdt, tau)                                 # [r, c]
             tr = ((tt >= c0) & (tt < c1)).nonzero(as_tuple=True)[0]
             tc = tt[tr] - c0
             if tz is not None:
@@ -180,8 +190,10 @@ def _scan(impl, H, E, t, exclude, tau, loss, topk=0, want_q=False):
     dev, k = H.device, min(topk, N)
     if impl == "chunked":
         tz = torch.empty(M, dtype=cdt, device=dev)                             # filled by _tiles
-    else:
-        tz = ((H.to(gdt) * E[t].to(gdt)).sum(1) * (1.0 / tau)).to(cdt)         # [M]
+    else:   # the targets as a catalog chunk, by the tiles' formula: diagonals of 128-row blocks
+        tz = torch.zeros(M, dtype=cdt, device=dev)
+        for r0 in range(0, M, 128):
+            tz[r0:r0 + 128] = _logits(H[r0:r0 + 128], E[t[r0:r0 + 128]], gdt, cdt, tau).diagonal()
     mx = torch.full((M,), -1e30, dtype=cdt, device=dev)    # finite floor: no -inf - -inf = nan
     s, cnt = torch.zeros(M, dtype=cdt, device=dev), torch.zeros(M, dtype=torch.long, device=dev)
     ts = torch.full((M, k), float("-inf"), dtype=cdt, device=dev) if k else None
@@ -269,16 +281,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _target_kernel(H, E, TGT, OUT, M, D, stride_h, stride_e, inv_tau,
-                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                       UPCAST: tl.constexpr, PREC: tl.constexpr):
-        # The diagonal of a [BM, BM] tile with the same tl.dot/BLOCK_D steps as the main kernel, so
-        # an item identical to the target gets the very same logit (ties are exact).
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+        # The diagonal of a [BM, BN] tile whose column j is row j's target: the same tile shape and
+        # tl.dot/BLOCK_D steps as the stats kernel, so an item identical to the target gets the very
+        # same fp32 logit (ties are exact).
+        tl.static_assert(BLOCK_N >= BLOCK_M)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
-        tgt = tl.load(TGT + rows, mask=rmask, other=0)
-        z = _tile_logits(H, E, rows, tgt, rmask, rmask, D, stride_h, stride_e, inv_tau,
-                         BLOCK_M, BLOCK_M, BLOCK_D, EVEN_D, UPCAST, PREC)
-        diag = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]
+        j = tl.arange(0, BLOCK_N)
+        cmask = (j < BLOCK_M) & (tl.program_id(0) * BLOCK_M + j < M)
+        tgt = tl.load(TGT + tl.program_id(0) * BLOCK_M + j, mask=cmask, other=0)
+        z = _tile_logits(H, E, rows, tgt, rmask, cmask, D, stride_h, stride_e, inv_tau,
+                         BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, PREC)
+        diag = tl.arange(0, BLOCK_M)[:, None] == j[None, :]
         tl.store(OUT + rows, tl.sum(tl.where(diag, z, 0.0), 1), mask=rmask)
 
     @triton.jit
@@ -393,8 +409,7 @@ def _triton_stats(H, E, targets, exclude, tau, loss):
     N, BM = E.shape[0], cfg["BLOCK_M"]
     mt, inv_tau = triton.cdiv(M, BM), 1.0 / tau
     tz = torch.empty(M, dtype=torch.float32, device=H.device)
-    _target_kernel[(mt,)](H, E, tgt, tz, M, D, H.stride(0), E.stride(0), inv_tau,
-                          **{k: v for k, v in cfg.items() if k != "BLOCK_N"})
+    _target_kernel[(mt,)](H, E, tgt, tz, M, D, H.stride(0), E.stride(0), inv_tau, **cfg)
     # split the catalog into ~SPLIT_WAVES programs per SM (so the last wave is short); the split
     # count only changes the order of the deterministic merge below, never the answer
     sms = torch.cuda.get_device_properties(H.device).multi_processor_count if H.is_cuda else 1
@@ -510,8 +525,8 @@ def _resolve(impl, H, E, grads):
 def catalog_stats(H, E, targets, exclude=None, tau=1.0, topk=0, impl="auto"):
     """CatalogStats(lse [M], target_logit [M], rank [M] int64, topk_scores/ids [M,k] or None)."""
     tau, ex = _check("catalog_stats", H, E, targets, exclude, tau)
-    # ranks must not depend on the batch: auto never picks the chunked path, whose plain fp32 GEMMs make
-    # exact ties depend on the BLAS blocking of the rows (the torch path rounds fp64 sums to fp32)
+    # ranks must not depend on the batch: auto never picks the chunked path, whose half GEMMs on CUDA
+    # round the logits to E's dtype by a kernel that cuBLAS picks by the batch size
     impl = "torch" if impl == "auto" and _resolve(impl, H, E, "stats") == "chunked" else _resolve(impl, H, E, "stats")
     with torch.no_grad():
         if impl == "reference":

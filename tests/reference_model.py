@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 import model as M
 from kernels.logprobs import token_logprobs
+import backbone
+import common
 
 
 @torch.no_grad()
@@ -20,10 +22,10 @@ def generate(r, prompt_ids, G=1, temperature=1.0, top_k=0, greedy=False, max_new
     N = len(prompts)
     ids, mask = r.pad_left(prompts)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = M.new_cache(r.model)
+    cache = backbone.new_cache(r.model)
     h = r.hidden(ids, mask, pos, cache)[:, -1]
     next_pos = pos[:, -1:] + 1
-    tail = len(M.ANCHOR) + 2
+    tail = len(common.ANCHOR) + 2
     u = torch.rand(N, max_new_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     comps, lps = [[] for _ in range(N)], [[] for _ in range(N)]
     done, hit = [False] * N, [False] * N
@@ -37,7 +39,7 @@ def generate(r, prompt_ids, G=1, temperature=1.0, top_k=0, greedy=False, max_new
                 continue
             comps[i].append(t)
             lps[i].append(l)
-            if M.ANCHOR in r.tok.decode(comps[i][-tail:]):
+            if common.ANCHOR in r.tok.decode(comps[i][-tail:]):
                 done[i] = hit[i] = True
         if all(done):
             break

@@ -16,6 +16,9 @@ import torch
 
 import model as M
 from test_model import TINY, fake_dataset
+import backbone
+import checkpoint
+import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def r2(tmp_path_factory):
     ds = fake_dataset(n_items=12, n_samples=4, H=3)
-    model, tok = M.build_backbone("tiny", ds, {**TINY, "layers": 1, "hidden": 32, "heads": 2, "kv_heads": 1,
+    model, tok = backbone.build_backbone("tiny", ds, {**TINY, "layers": 1, "hidden": 32, "heads": 2, "kv_heads": 1,
                                                 "intermediate": 48},
                                   cache_dir=str(tmp_path_factory.mktemp("tok")), verbose=False)
     r = M.R2ec(model, tok, ds, impl="torch")
@@ -35,8 +38,8 @@ CFG = {"dataset": "fake", "history": 3, "init_from": "tiny", "tau": 0.02}
 
 
 def loads(path, ds):
-    r, cfg = M.load_checkpoint(path, dataset=ds)
-    return cfg["version"], M.load_train_state(path)["version"], r.table.E
+    r, cfg = checkpoint.load_checkpoint(path, dataset=ds)
+    return cfg["version"], checkpoint.load_train_state(path)["version"], r.table.E
 
 
 class Crash(BaseException):
@@ -50,7 +53,7 @@ OPS = [(os, "replace"), (os, "rename"), (os, "symlink"), (os, "remove"), (os, "m
 def test_interrupted_between_any_two_file_operations(r2, tmp_path):
     r, ds = r2
     path = str(tmp_path / "last")
-    M.save_checkpoint(path, r, {**CFG, "version": 1}, {"version": 1})
+    checkpoint.save_checkpoint(path, r, {**CFG, "version": 1}, {"version": 1})
     n_ops, k, live = None, 0, 1
     while n_ops is None or k < n_ops:
         count = [0]
@@ -69,7 +72,7 @@ def test_interrupted_between_any_two_file_operations(r2, tmp_path):
         for mod, name in OPS:
             wrap(mod, name)
         try:
-            M.save_checkpoint(path, r, {**CFG, "version": 2 + k}, {"version": 2 + k})
+            checkpoint.save_checkpoint(path, r, {**CFG, "version": 2 + k}, {"version": 2 + k})
             crashed = False
         except Crash:
             crashed = True
@@ -85,22 +88,22 @@ def test_interrupted_between_any_two_file_operations(r2, tmp_path):
             n_ops = count[0]
         k += 1
     assert n_ops and n_ops >= 5                          # every instant of a save was tried
-    M.save_checkpoint(path, r, {**CFG, "version": 99}, {"version": 99})
+    checkpoint.save_checkpoint(path, r, {**CFG, "version": 99}, {"version": 99})
     assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == [os.readlink(path)]   # leftovers cleaned
 
 
 SAVER = """
-import sys, torch, model as M
+import sys, torch, backbone, checkpoint, model as M
 from test_model import TINY, fake_dataset
 ds = fake_dataset(n_items=12, n_samples=4, H=3)
-model, tok = M.build_backbone("tiny", ds, {**TINY, "layers": 1, "hidden": 32, "heads": 2, "kv_heads": 1,
+model, tok = backbone.build_backbone("tiny", ds, {**TINY, "layers": 1, "hidden": 32, "heads": 2, "kv_heads": 1,
                                             "intermediate": 48}, cache_dir=sys.argv[2], verbose=False)
 r = M.R2ec(model, tok, ds, impl="torch")
 r.refresh_items(16)
 v = 0
 while True:
     v += 1
-    M.save_checkpoint(sys.argv[1], r, {"dataset": "fake", "history": 3, "init_from": "tiny", "tau": 0.02,
+    checkpoint.save_checkpoint(sys.argv[1], r, {"dataset": "fake", "history": 3, "init_from": "tiny", "tau": 0.02,
                                        "version": v}, {"version": v})
     print(v, flush=True)
 """
@@ -133,11 +136,11 @@ MARKER = "/tmp/r2ec-pickle-payload-ran"
 def test_pickle_payload_is_never_executed(r2, tmp_path):
     r, ds = r2
     path = str(tmp_path / "ckpt")
-    M.save_checkpoint(path, r, {**CFG, "version": 1}, {"version": 1})
+    checkpoint.save_checkpoint(path, r, {**CFG, "version": 1}, {"version": 1})
     if os.path.exists(MARKER):
         os.remove(MARKER)
     torch.save({"step": Payload()}, os.path.join(path, "train_state.pt"))
-    r2_, _ = M.load_checkpoint(path, dataset=ds)            # evaluation reads no pickle at all
-    with pytest.raises(M.ModelError, match="refusing to load"):
-        M.load_train_state(path)
+    r2_, _ = checkpoint.load_checkpoint(path, dataset=ds)            # evaluation reads no pickle at all
+    with pytest.raises(common.ModelError, match="refusing to load"):
+        checkpoint.load_train_state(path)
     assert not os.path.exists(MARKER)

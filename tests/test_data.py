@@ -529,25 +529,107 @@ def test_amazon_non_finite_metadata_numbers(tmp_path):
     assert ds.items[1]["average_rating"] is None and ds.items[1]["rating_number"] is None
 
 
+SYNTH_FORM = "expected synthetic or synthetic:<users>x<items>, users in [1, 1,000,000], items in [16, 1,000,000]"
+
+
+def test_synthetic_size_is_part_of_the_name(cache_root):
+    ds = load_dataset("synthetic:60x40", verbose=False)
+    assert ds.name == "synthetic:60x40" and ds.num_users == 60 and 16 <= ds.num_items <= 40
+    assert ds.domain == data.DOMAINS["synthetic"] and ds.domain["item"] == "movie"  # the movie words
+    assert data.domain_for("synthetic:60x40") == data.domain_for("synthetic") == data.DOMAINS["synthetic"]
+    assert os.listdir(cache_root) == ["synthetic-u60-i40-s0"]  # the slug of before sizes were names
+    ds = load_dataset("synthetic:1x16", verbose=False)  # the smallest accepted
+    assert ds.num_users == 1 and ds.num_items <= 16
+    assert load_dataset("synthetic:25x20", seed=3, verbose=False).num_users == 25
+    assert "synthetic-u25-i20-s3" in os.listdir(cache_root)
+
+
+@pytest.mark.parametrize("name", ["synthetic:60", "synthetic:0x40", "synthetic:60x0", "synthetic:axb",
+                                  "synthetic:60x40x2", "synthetic:", "synthetic:60X40", "synthetic:-1x40",
+                                  "synthetic:060x40", "synthetic: 60x40", "synthetic:60x15", "synthetic:60x",
+                                  "synthetic:1000001x40", "synthetic:60x99999999999999999999", "synthetic60x40"])
+def test_bad_synthetic_names_are_one_line(cache_root, name):
+    with pytest.raises(DataError) as e:
+        load_dataset(name, verbose=False)
+    msg = str(e.value)
+    assert msg.startswith(f"dataset {name!r}: ") and SYNTH_FORM in msg and "\n" not in msg, msg
+    assert not cache_root.exists()
+
+
 def test_synthetic_sizes_are_checked_not_replaced(cache_root):
-    for kw, frag in (({"num_users": 0}, "--num-users 0 must be an integer in [1,"),
-                     ({"num_items": 0}, "--num-items 0 must be an integer in [16,"),
-                     ({"num_items": 15}, "--num-items 15"), ({"seed": -1}, "--seed -1"),
-                     ({"num_users": 2.5}, "--num-users 2.5")):
+    # legacy keywords (callers from before sizes were names): a plain "synthetic" only, checked, None = default
+    for kw, frag in (({"num_users": 0}, "synthetic: num_users 0 must be an integer in [1,"),
+                     ({"num_items": 0}, "synthetic: num_items 0 must be an integer in [16,"),
+                     ({"num_items": 15}, "num_items 15"), ({"seed": -1}, "synthetic: seed -1"),
+                     ({"num_users": 2.5}, "num_users 2.5"), ({"seed": True}, "seed True")):
         with pytest.raises(DataError, match=re.escape(frag)):
             load_dataset("synthetic", verbose=False, **kw)
+    with pytest.raises(DataError, match=re.escape("seed -1 must be an integer in [0,")):
+        load_dataset("synthetic:60x40", seed=-1, verbose=False)
+    for kw in ({"num_users": 60}, {"num_items": 40}, {"num_users": 60, "num_items": 40}):
+        with pytest.raises(DataError, match=re.escape("'synthetic:60x40': expected synthetic or") + ".*"
+                           + re.escape("and no num_users=/num_items=")):
+            load_dataset("synthetic:60x40", verbose=False, **kw)
     with pytest.raises(DataError, match="--history 0: must be an integer >= 1"):
         load_dataset("synthetic", history=0, verbose=False)
     assert not cache_root.exists()
-    ds = load_dataset("synthetic", num_users=1, num_items=16, verbose=False)  # the smallest accepted
+    ds = load_dataset("synthetic:1x16", verbose=False)  # the smallest accepted
     assert ds.num_users == 1 and ds.num_items <= 16
     assert load_dataset("synthetic", num_users=None, verbose=False).num_users == 600  # None = default
+    assert load_dataset("synthetic:1x16", num_users=None, verbose=False).num_users == 1
+
+
+def test_synthetic_name_keeps_cache_slug_and_key(cache_root, capsys):
+    """synthetic:<U>x<I> reads the cache that plain synthetic + num_users/num_items wrote (slug AND key)."""
+    a = load_dataset("synthetic:40x30")
+    assert "built in" in capsys.readouterr().out
+    (key,) = os.listdir(cache_root / "synthetic-u40-i30-s0")
+    b = load_dataset("synthetic:40x30")
+    assert "(cached" in capsys.readouterr().out and b.name == "synthetic:40x30"
+    assert os.listdir(cache_root) == ["synthetic-u40-i30-s0"]
+    assert os.listdir(cache_root / "synthetic-u40-i30-s0") == [key]
+    for s in data.SPLITS:
+        for f in data.FIELDS:
+            np.testing.assert_array_equal(getattr(a.split(s), f), getattr(b.split(s), f))
+    assert a.items == b.items and a.domain == b.domain
+    load_dataset("synthetic:600x400", verbose=False)  # plain synthetic = synthetic:600x400: one cache
+    load_dataset("synthetic")
+    assert "(cached" in capsys.readouterr().out
+    assert sorted(os.listdir(cache_root)) == ["synthetic-u40-i30-s0", "synthetic-u600-i400-s0"]
+    assert len(os.listdir(cache_root / "synthetic-u600-i400-s0")) == 1
+
+
+def test_load_for_run_reads_the_name_and_maps_old_configs(cache_root):
+    ds = data.load_for_run({"dataset": "synthetic:40x30", "history": 6}, verbose=False)  # nothing else needed
+    assert (ds.name, ds.num_users, ds.history) == ("synthetic:40x30", 40, 6)
+    # a checkpoint's run_config.json from before sizes were names
+    old = {"dataset": "synthetic", "synthetic_users": 40, "synthetic_items": 30, "history": 6, "data_dir": None}
+    ds = data.load_for_run(old, verbose=False)
+    assert (ds.name, ds.num_users, ds.history) == ("synthetic:40x30", 40, 6)
+    assert os.listdir(cache_root) == ["synthetic-u40-i30-s0"]  # same slug, and one key: the same cache
+    assert len(os.listdir(cache_root / "synthetic-u40-i30-s0")) == 1
+    assert data.load_for_run({"dataset": "synthetic", "history": 6}, verbose=False).num_users == 600
+    # a sized name wins over leftover keys; edited keys give the one-line name error
+    new = {"dataset": "synthetic:40x30", "synthetic_users": 600, "synthetic_items": 400, "history": 6}
+    assert data.load_for_run(new, verbose=False).num_users == 40
+    with pytest.raises(DataError, match=re.escape("dataset 'synthetic:0x30': " + SYNTH_FORM)):
+        data.load_for_run(dict(old, synthetic_users=0), verbose=False)
+
+
+def test_formats_table():
+    assert set(data.FORMATS) == {"synthetic", "ml-", "amazon-2023:", "csv:"}
+    for prefix, (choices, files, parse) in data.FORMATS.items():
+        assert isinstance(choices, str) and callable(files) and callable(parse)
+    for name in ("csv:", "amazon-2023:", "nope", "SYNTHETIC", "ml"):
+        with pytest.raises(DataError, match=re.escape(f"unknown dataset '{name}' (choose synthetic, ml-100k, ml-1m, "
+                                                      f"amazon-2023:<Category>, or csv:<dir>)")):
+            load_dataset(name, verbose=False)
 
 
 def test_history_too_large_for_memory(monkeypatch, cache_root):
     monkeypatch.setattr(data, "_physical_memory", lambda: 2**30)
     with pytest.raises(DataError, match=r"--history 100000: .* samples x 100000 would need .* smaller"):
-        load_dataset("synthetic", num_users=20, num_items=16, history=100_000, verbose=False)
+        load_dataset("synthetic:20x16", history=100_000, verbose=False)
     assert not cache_root.exists()
 
 
@@ -570,8 +652,9 @@ def test_cli_errors_exit_2_one_line(tmp_path, cache_root):
     cases = [(["--dataset", name], "interactions.csv:3: timestamp 'soon'"),
              (["--dataset", "nope"], "unknown dataset 'nope'"),
              (["--dataset", "synthetic", "--history", "0"], "--history: 0 must be >= 1"),
-             (["--dataset", "synthetic", "--num-users", "0"], "--num-users: 0 must be >= 1"),
-             (["--dataset", "synthetic", "--num-items", "3"], "--num-items 3 must be an integer in [16,"),
+             (["--dataset", "synthetic:0x40"], "dataset 'synthetic:0x40': " + SYNTH_FORM),
+             (["--dataset", "synthetic:60x3"], "dataset 'synthetic:60x3': " + SYNTH_FORM),
+             (["--dataset", "synthetic", "--num-users", "50"], "unrecognized arguments: --num-users 50"),
              (["--dataset", "synthetic", "--seed", "-1"], "--seed: -1 must be >= 0"),
              (["--dataset", "ml-1m", "--data-dir", str(tmp_path / "missing")], "not a directory")]
     for args, frag in cases:
@@ -580,17 +663,18 @@ def test_cli_errors_exit_2_one_line(tmp_path, cache_root):
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
         assert frag in r.stderr, r.stderr
     assert not cache_root.exists() and not (tmp_path / "missing").exists()  # no folder created
-    r = run_cli("--dataset", "synthetic", "--num-users", "50", "--num-items", "40", env_root=cache_root)
+    r = run_cli("--dataset", "synthetic:50x40", "--seed", "2", env_root=cache_root)
     assert r.returncode == 0 and "users 50 | items 40" in r.stdout and "train" in r.stdout
+    assert "dataset synthetic:50x40 |" in r.stdout and os.listdir(cache_root) == ["synthetic-u50-i40-s2"]
 
 
 # ----------------------------------------------------------------------------- cache
 
 def test_cache_round_trip_and_protocol_rebuild(tmp_path, cache_root, monkeypatch, capsys):
-    a = load_dataset("synthetic", num_users=80, num_items=50)
+    a = load_dataset("synthetic:80x50")
     assert "built in" in capsys.readouterr().out
     t0 = time.time()
-    b = load_dataset("synthetic", num_users=80, num_items=50)
+    b = load_dataset("synthetic:80x50")
     assert time.time() - t0 < 1.0 and "(cached" in capsys.readouterr().out
     for s in data.SPLITS:
         for f in data.FIELDS:
@@ -602,12 +686,12 @@ def test_cache_round_trip_and_protocol_rebuild(tmp_path, cache_root, monkeypatch
     base = cache_root / "synthetic-u80-i50-s0"
     (key,) = os.listdir(base)
     monkeypatch.setattr(data, "PROTOCOL_VERSION", data.PROTOCOL_VERSION + 1)
-    load_dataset("synthetic", num_users=80, num_items=50)
+    load_dataset("synthetic:80x50")
     assert "built in" in capsys.readouterr().out
-    c = load_dataset("synthetic", num_users=80, num_items=50, history=5)
+    c = load_dataset("synthetic:80x50", history=5)
     assert "built in" in capsys.readouterr().out and c.train.hist.shape[1] == 5
     assert len(os.listdir(base)) == 3
-    load_dataset("synthetic", num_users=80, num_items=50, history=5, rebuild=True)
+    load_dataset("synthetic:80x50", history=5, rebuild=True)
     assert "built in" in capsys.readouterr().out
     # source file change -> rebuild
     d = tmp_path / "c"
@@ -648,8 +732,7 @@ CORRUPT = {  # file -> how a killed write or a bad disk leaves it
 
 @pytest.mark.parametrize("what", list(CORRUPT) + ["meta key", "missing file"])
 def test_unreadable_cache_rebuilds_with_notice(cache_root, capsys, what):
-    kw = dict(num_users=40, num_items=30, verbose=False)
-    a = load_dataset("synthetic", **kw)
+    a = load_dataset("synthetic:40x30", verbose=False)
     base = cache_root / "synthetic-u40-i30-s0"
     (key,) = os.listdir(base)
     if what in CORRUPT:
@@ -661,7 +744,7 @@ def test_unreadable_cache_rebuilds_with_notice(cache_root, capsys, what):
     else:
         os.remove(base / key / "meta.json")  # as if a file had been lost
     capsys.readouterr()
-    b = load_dataset("synthetic", **kw)
+    b = load_dataset("synthetic:40x30", verbose=False)
     err = capsys.readouterr().err
     assert err.startswith(f"notice: cache {base / key} was unreadable (") and err.endswith("); rebuilding\n")
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -669,13 +752,12 @@ def test_unreadable_cache_rebuilds_with_notice(cache_root, capsys, what):
         for f in data.FIELDS:
             np.testing.assert_array_equal(getattr(a.split(s), f), getattr(b.split(s), f))
     assert a.items == b.items and os.listdir(base) == [key]
-    load_dataset("synthetic", **kw)  # repaired: read quietly
+    load_dataset("synthetic:40x30", verbose=False)  # repaired: read quietly
     assert capsys.readouterr().err == ""
 
 
 def test_leftovers_of_killed_builds_are_removed(cache_root):
-    kw = dict(num_users=40, num_items=30, verbose=False)
-    load_dataset("synthetic", **kw)
+    load_dataset("synthetic:40x30", verbose=False)
     base = cache_root / "synthetic-u40-i30-s0"
     (key,) = os.listdir(base)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -684,7 +766,7 @@ def test_leftovers_of_killed_builds_are_removed(cache_root):
     for n in (f"{key}.tmp{dead.pid}", f"{key}.old{dead.pid}", f"{'0' * 16}.tmp{dead.pid}",
               f"{key}.tmp{live}", "notes"):
         os.makedirs(base / n / "x")
-    load_dataset("synthetic", **kw)
+    load_dataset("synthetic:40x30", verbose=False)
     assert sorted(os.listdir(base)) == sorted([key, f"{key}.tmp{live}", "notes"])  # live build kept
 
 
@@ -692,7 +774,7 @@ def test_unwritable_cache_root_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("R2EC_DATA_ROOT", str(tmp_path / "file"))
     with pytest.raises(DataError, match=r"cache folder .*file.*: cannot write \(.*\); point R2EC_DATA_ROOT"):
-        load_dataset("synthetic", num_users=5, num_items=16, verbose=False)
+        load_dataset("synthetic:5x16", verbose=False)
 
 
 # ----------------------------------------------------------------------------- real data

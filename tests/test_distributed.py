@@ -24,12 +24,13 @@ from test_train import ROOT, SMALL
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # an evaluation every 2 steps: the stopped run's last checkpoint (step 2) holds the table the uninterrupted run has
-FLAGS = SMALL + ["--eval-every", "2", "--patience", "0", "--no-test", "--log-every", "1", "--kernels", "torch"]
+FLAGS = SMALL + ["--eval-every", "2", "--patience", "0", "--test-samples", "none", "--kernels", "torch"]
 # `eval.py ARGS` as its CLI runs, + the metrics at full precision in the file argv[1] (the table prints 4 digits),
 # + a check that every process holds every user's h_T exactly once (unit norm; ranks alone would not see a 2 x H)
 EVAL = """import json, sys
 import torch
 import data, eval as ev, model as M
+import common
 encode, score = M.R2ec.encode_users, ev.evaluate_checkpoint
 def once(self, *a, **kw):
     H, tm = encode(self, *a, **kw)
@@ -38,7 +39,7 @@ def once(self, *a, **kw):
 M.R2ec.encode_users = once
 def keep(*a, **kw):
     m, tm, rows = score(*a, **kw)
-    if data.is_main():
+    if common.is_main():
         json.dump(m, open(sys.argv[1], "w"))
     return m, tm, rows
 ev.evaluate_checkpoint = keep
@@ -101,7 +102,7 @@ def test_resume_under_torchrun_continues_exactly(runs):
     a, b = steps(out["two"])[3], steps(out["cut"])[3]   # the resumed run appends to the stopped run's log
     for k in ("reward", "token_loss", "item_loss", "grad_norm", "entropy"):
         assert b[k] == a[k], k
-    assert "step 3 |" in p["resumed"].stdout
+    assert "stopped at step 3: max steps" in p["resumed"].stdout
 
 
 def test_one_copy_of_each_checkpoint_and_log_line(runs):
@@ -114,7 +115,7 @@ def test_one_copy_of_each_checkpoint_and_log_line(runs):
     hidden = [f for f in files if f.startswith(".")]
     assert len(hidden) == 2 and {os.path.realpath(os.path.join(out["two"], f)) for f in ("best", "last")} == \
         {os.path.join(os.path.realpath(out["two"]), f) for f in hidden}
-    for line in ("step 1 |", "step 3 |", "stopped at step 3", "done in", "preset cpu | config:"):
+    for line in ("step 1 |", "stopped at step 3", "done in", "preset cpu | config:"):
         assert p["two"].stdout.count(line) == 1, line
 
 
@@ -127,11 +128,11 @@ def test_eval_metrics_exactly_one_process(runs, one_thread):
     script.write_text(EVAL)
     ckpt = os.path.join(out["two"], "last")
     cli = launch(2, str(script), str(d / "m2.json"), "--ckpt", ckpt, "--device", "cpu", "--batch-size", "16")
-    ds = data.load_dataset("synthetic", history=8, num_users=150, num_items=80, verbose=False)
+    ds = data.load_dataset("synthetic:150x80", history=8, verbose=False)
     m1, _, _ = ev.evaluate_checkpoint(ckpt, ds, "test", "cpu", 16, verbose=False, baselines=False)
     assert json.loads((d / "m2.json").read_text()) == m1 and m1["ndcg@20"] > 0
     rows = [ln for ln in cli.stdout.splitlines() if ln.startswith("| R2ec")]
-    assert len(rows) == 1 and cli.stdout.count("[eval] synthetic | split=test") == 1
+    assert len(rows) == 1 and cli.stdout.count("[eval] synthetic:150x80 | split=test") == 1
     assert rows[0].split("|")[2:-1] == [f" {m1[k]:.4f} " for k in ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10",
                                                                    "ndcg@20")]
 
@@ -146,7 +147,7 @@ def test_chains_do_not_depend_on_the_split():
     """decode's noise is per (seed, user position, chain): the step's 4 users decoded at once or as 2 + 2 (two
     processes, first = 0 and 2) sample the same chains."""
     cfg = T.resolve_config(SMALL + ["--max-new-tokens", "6"])
-    ds = data.load_dataset("synthetic", history=8, num_users=150, num_items=80, verbose=False)
+    ds = data.load_dataset("synthetic:150x80", history=8, verbose=False)
     r, _, _ = T.build(cfg, ds, verbose=False)
     prompts = r.split_prompt_ids(ds.train, np.arange(4), 3)
     kw = dict(G=3, greedy=False, temperature=2.0, top_k=50, max_new_tokens=6, seed=(0, 7))

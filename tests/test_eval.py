@@ -203,10 +203,10 @@ def test_final_cost_counts_the_test_subset_and_not_the_table_refresh(capsys):
     repeated: the test re-scores the saved table) x the test samples (--test-samples when set), capped at the
     budget's non-training share, with one warning when the cap binds."""
     e = {"eval_n": 200, "eval_s": 138.0, "eval_decode_s": 80.0, "eval_rank_s": 1.0}
-    cfg = {"no_test": False, "test_samples": 1000, "time_budget": 30.0}
+    cfg = {"test_samples": 1000, "time_budget": 30.0}
     state = {"evals": [e]}
     assert ev.final_cost(state, 9906, cfg, 0.6) == pytest.approx(1.15 * 81 / 200 * 1000 + 15)
     assert "slow_warned" not in state
     assert ev.final_cost(state, 9906, {**cfg, "test_samples": 0}, 0.6) == pytest.approx(0.4 * 30 * 60)
     assert state["slow_warned"] and "slower than expected" in capsys.readouterr().out
-    assert ev.final_cost({"evals": [e]}, 9906, {**cfg, "no_test": True}, 0.6) == 0
+    assert ev.final_cost({"evals": [e]}, 9906, {**cfg, "test_samples": -1}, 0.6) == 0

