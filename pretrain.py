@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import all_gather, all_reduce_grads, autocast, fit_threads, is_main, rank_slice
+from common import all_gather, all_reduce_grads, autocast, fit_threads, rank_slice, show_progress
 from data import train_indices
 from kernels.catalog import catalog_loss
 from kernels.logprobs import token_logprobs
@@ -185,7 +185,7 @@ def lm_stage(r, params, split, st, seconds=0.0, log=None):
     t0 = time.time()
     losses, item_losses = [], []
     horizon = st.steps
-    bar = tqdm(total=st.steps, desc="LM stage", disable=not is_main(), unit="step")
+    bar = tqdm(total=st.steps, desc="LM stage", disable=not show_progress(), unit="step")
     r.model.train()
     for s in range(st.steps):
         fit_threads(r.device)

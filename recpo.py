@@ -34,9 +34,9 @@ Departures from the paper / the authors' reference code, and why
  5. Rewards over the full catalog with the user's history and padding masked and a *pessimistic*
     rank (ties count against the model), as in evaluation (eval.py); a target inside its own history
     gets R_d = R_c = 0 (the reference masks history too, so its target also scores ~nothing).
- 6. In-batch item candidates are the *distinct* target ids of the batch, each once. The reference
-    has one column per user and counts a second user with the same target as a negative; here a
-    duplicate of the positive is never a negative, and no negative is counted twice.
+ 6. In-batch candidates: the step's *distinct* targets (all micro-batches and processes; others' detached,
+    like the reference's all-gather), each once. The reference has a column per user, so a second user with
+    the same target is a negative; here a duplicate of the positive is never a negative, none counts twice.
  7. The item loss is summed over the selected rows and divided by the number of rows B (non-top-k
     rows weigh 0), as in the reference, so the token/item balance matches the authors' runs.
  8. Token aggregation: "token-mean" (default; the reference's sum / #tokens), "sequence-mean" (the
@@ -271,28 +271,30 @@ def item_loss(h_T, item_emb, targets, adv, old_logp_item, G, topk=1, tau=0.02, e
 # what RL practitioners watch, per step
 
 def step_metrics(rw, adv, frac_zero_std, rollout, stats):
-    """Rewards, zero-spread groups, advantages, losses, clips, KL, entropy, lengths: a flat dict of floats."""
+    """What a step's log records: rewards, zero-spread groups, advantage spread, losses (the item term as
+    -log pi(v+) of the selected rows, which moves even where the surrogate sits at its ratio-1 value), clips,
+    KL, entropy, lengths. A flat dict of floats; None where the run does not compute a quantity."""
     n = rollout["sampled_mask"].sum(1).float()                       # [B*G] sampled tokens per chain
+    logp = stats.get("item_logp")
     return {"reward": rw["reward"].mean().item(), "reward_std": rw["reward"].std().item(),
             "r_d": rw["r_d"].mean().item(), "r_c": rw["r_c"].mean().item(),
             "rank_median": rw["rank"].float().median().item(), "frac_reward_zero_std": frac_zero_std,
-            "adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_absmax": adv.abs().max().item(),
-            **{k: stats.get(k) for k in ("token_loss", "item_loss", "item_clip_low", "item_clip_high",
-                                         "item_logp", "grad_norm", "skipped", "kl", "entropy")},
+            "adv_std": adv.std().item(), "item_nll": None if logp is None else -logp,
+            **{k: stats.get(k) for k in ("token_loss", "item_clip_low", "item_clip_high", "grad_norm", "kl",
+                                         "entropy")},
             # TRL's names where it has one:
             "clip_ratio/low_mean": stats.get("clip_low"), "clip_ratio/high_mean": stats.get("clip_high"),
-            "completions/mean_length": n.mean().item(), "completions/max_length": int(n.max().item()),
+            "completions/mean_length": n.mean().item(),
             "completions/clipped_ratio": rollout["cut"].float().mean().item()}
 
 
 def format_metrics(m):
-    """The one-line summary of a step_metrics record (+ step, learning_rate, step_s, tokens_per_s)."""
+    """The one-line summary of a step's record (step_metrics + step, learning_rate, step_s, tokens_per_s)."""
+    clip = m.get("clip_ratio/low_mean")
     return (f"step {m['step']} | reward {m['reward']:.4f} (R_d {m['r_d']:.4f} R_c {m['r_c']:.5f}) "
-            f"zero-std {m['frac_reward_zero_std']:.2f} | adv |max| {m['adv_absmax']:.2f} | "
-            f"tok_loss {m['token_loss']:.4f} item_loss {m['item_loss']:.4f} logp(v+) {m['item_logp']:.3f}"
-            + (f" kl {m['kl']:.4f}" if m["kl"] is not None else "")
-            + f" | clip {m['clip_ratio/low_mean']:.3f}/{m['clip_ratio/high_mean']:.3f}"
-            f" | ent {m['entropy'] or 0:.2f} | len {m['completions/mean_length']:.1f}/"
-            f"{m['completions/max_length']} cut {m['completions/clipped_ratio']:.2f}"
-            f" | gnorm {m['grad_norm']:.3f} | lr {m['learning_rate']:.2e} | {m['step_s']:.2f}s/step "
-            f"{m['tokens_per_s']:.0f} tok/s")
+            f"zero-std {m['frac_reward_zero_std']:.2f} | tok_loss {m['token_loss']:.4f} "
+            f"-log pi(v+) {m['item_nll']:.3f}" + (f" kl {m['kl']:.4f}" if m.get("kl") is not None else "")
+            + (f" | clip {clip:.3f}/{m['clip_ratio/high_mean']:.3f}" if clip is not None else "")
+            + f" | ent {m.get('entropy') or 0:.2f} | len {m['completions/mean_length']:.1f} cut "
+            f"{m['completions/clipped_ratio']:.2f} | gnorm {m['grad_norm']:.3f} | "
+            f"lr {m['learning_rate']:.2e} | {m['step_s']:.2f}s/step {m['tokens_per_s']:.0f} tok/s")

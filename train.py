@@ -75,7 +75,7 @@ def get_parser():
     g("--max-prompt-len", type=I, help="prompt token cap, oldest lines dropped (default: from the context)")
     g("--train-recent", type=I0, help="users from the last N train samples, 0 = all [paper: 0; cpu: 10000]")
     g = p.add_argument_group("model").add_argument
-    g("--init-from", default="tiny", help="'tiny' (built-in) | a local Hugging Face folder | a .gguf file")
+    g("--init-from", default="tiny", help="'tiny' (built-in) | hub id org/name[@rev] | local folder | .gguf")
     g("--tiny-layers", type=I, default=2, help="tiny backbone: transformer layers")
     g("--tiny-hidden", type=I, default=128, help="tiny backbone: hidden size (a multiple of --tiny-heads)")
     g("--tiny-heads", type=I, default=4, help="tiny backbone: attention heads")
@@ -168,6 +168,8 @@ def resolve_config(argv=None):
         cfg["pretrain_steps"] = given.get("pretrain_steps", 0)
         cfg["item_tokens"] = given.get("item_tokens", False)
     cfg["out"] = cfg["out"] or os.path.join("out", common.slug(cfg["dataset"]))
+    if "max_steps" in given and "pretrain_steps" not in given:   # a bounded run: the LM stage in proportion
+        cfg["pretrain_steps"] = min(cfg["pretrain_steps"], cfg["max_steps"])
     return validate(cfg)
 
 
@@ -296,6 +298,16 @@ def update(r, cfg, batch, opt, params, lr, ph=None):
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
     stats, old = {}, {}
+    # the item softmax's in-batch candidates are every target of the step, across micro-batches and
+    # processes (as in the reference code's one batch): encoded once without gradient; each micro-batch's own
+    # targets enter fresh with gradient (same values): the objective does not depend on how the step is split
+    step_ids = torch.unique(common.all_gather(batch.targets))                          # [U]
+    step_emb = torch.zeros(0, r.model.config.hidden_size, device=r.device)
+    if cfg["item_loss"] != "full" and (len(batch.chunks) > 1 or common.world() > 1):
+        with ph("item encoding"), torch.no_grad(), common.autocast(r.device):
+            step_emb = r.encode_items(step_ids.tolist(), batch_size=cfg["eval_batch_size"])   # [U, d]
+    else:
+        step_ids = step_ids[:0]   # one micro-batch: its own targets are all of the step's
     for it in range(iters):
         writes = []
         for ci, c in enumerate(batch.chunks):
@@ -309,8 +321,12 @@ def update(r, cfg, batch, opt, params, lr, ph=None):
             with ph("item encoding"), common.autocast(r.device):
                 emb = r.encode_items(ids.tolist(), grad=True, batch_size=cfg["eval_batch_size"])  # [u(+S), d]
             writes.append((ids, emb.detach()))
-            neg = None if batch.neg is None else (ids[len(uniq):], emb[len(uniq):])
-            kw = dict(tau=cfg["tau"], mode=cfg["item_loss"], E=r.table.E, exclude=excl, impl=cfg["kernels"],
+            others = ~torch.isin(step_ids, uniq)                         # the step's other targets
+            neg_ids = torch.cat([step_ids[others], ids[len(uniq):]])
+            mode, neg = cfg["item_loss"], None
+            if mode != "full" and len(neg_ids):   # extra candidates: the "sampled" form of the same softmax
+                mode, neg = "sampled", (neg_ids, torch.cat([step_emb[others], emb[len(uniq):]]))
+            kw = dict(tau=cfg["tau"], mode=mode, E=r.table.E, exclude=excl, impl=cfg["kernels"],
                       negatives=neg)
             with ph("losses"):
                 if iters > 1 and it == 0:   # pi_old on the update's own numerical path
@@ -352,12 +368,14 @@ def build(cfg, ds, verbose=True):
     """-> (R2ec, trainable params, train_state or None): fresh from --init-from, or from --resume."""
     res = cfg.get("resume")
     lora_r = 0 if cfg["init_from"] == "tiny" else cfg["lora_r"]
+    # full fine-tuning keeps fp32 master weights (bf16 compute under CUDA autocast): AdamW's ~1e-5 steps
+    # vanish in bf16 weights. LoRA: a bf16 base on CUDA (frozen), fp32 adapters.
+    dtype = torch.float32 if lora_r == 0 else None
     if res and lora_r == 0:   # the checkpoint holds every weight: load it as is
-        dtype = torch.float32 if cfg["init_from"] == "tiny" else None
         model, tok = backbone.build_backbone(res, None, device=cfg["device"], verbose=False, dtype=dtype)
     else:   # rank 0 first: it caches the tokenizer
         model, tok = common.main_first(backbone.build_backbone, cfg["init_from"], ds, tiny_cfg=tiny_cfg(cfg),
-                                       device=cfg["device"], verbose=verbose)
+                                       device=cfg["device"], verbose=verbose, dtype=dtype)
     params = backbone.apply_lora(model, lora_r, cfg["lora_alpha"])
     if res and lora_r > 0:   # base weights from --init-from + the saved adapter
         backbone.load_lora_state(model, os.path.join(res, "adapter.safetensors"))
@@ -417,6 +435,10 @@ def train(cfg):
     log = common.jsonl_logger(os.path.join(cfg["out"], "log.jsonl"), cfg.get("report_to", "none"))
     checkpoint.clean_checkpoints(cfg["out"])
     print(f"preset {cfg['preset']} | config:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(cfg.items())))
+    staged = saved is None and cfg["pretrain_steps"] > 0
+    stage = f"an LM stage of at most {cfg['pretrain_steps']} steps, then " * staged
+    ends = f"ends within {cfg['time_budget']:g} min, test pass included" if budget else "no time budget"
+    print(f"plan: {stage}RecPO steps {step} to {cfg['max_steps']}; {ends}")
     if saved is None and cfg["pretrain_steps"]:   # stage 1, the LM stage (train split only); then RecPO
         st = pretrain.lm_stage(r, params, ds.train, stage_of(cfg), PRETRAIN_SHARE * budget, log)
         state["pretrain"] = st
@@ -459,9 +481,19 @@ def train(cfg):
         tokens = int(batch.log_rows[3]["attention_mask"].sum()) * cfg["num_iterations"]
         rec = {"step": step, **recpo.step_metrics(*batch.log_rows, stats), "learning_rate": lr,
                "step_s": times[-1], "phases_s": dict(ph.s), "tokens_per_s": tokens / times[-1]}
+        one_pass = cfg["num_iterations"] == 1   # then every ratio is 1: clip fractions are 0 by construction
+        ppo_only = ("clip_ratio/", "item_clip_") if one_pass else ()
+        rec = {k: v for k, v in rec.items() if v is not None and not k.startswith(ppo_only)}
         records.append(rec)
+        if len(times) == 2:   # how long the rest will take, from the steps and the evaluation measured
+            n_evals = (cfg["max_steps"] - step) // cfg["eval_every"] + 1 if cfg["eval_every"] else 1
+            est = (cfg["max_steps"] - step) * np.mean(times) + n_evals * last_eval_s()
+            est += ev.final_cost(state, len(ds.test), cfg, TRAIN_SHARE)
+            until = f"; the budget stops it at {cfg['time_budget']:g} min" * bool(budget and est > left())
+            print(f"about {est:.0f}s left at {np.mean(times):.2f}s a step and {last_eval_s():.0f}s an "
+                  f"evaluation{until}")
         bar.update(1)
-        bar.set_postfix(reward=f"{rec['reward']:.3f}", loss=f"{rec['token_loss'] + rec['item_loss']:.3f}")
+        bar.set_postfix(reward=f"{rec['reward']:.3f}", nll=f"{rec['item_nll']:.3f}")
         bad = bad + 1 if stats["skipped"] else 0
         state["skipped"] += int(stats["skipped"])
         if bad >= MAX_BAD_STEPS:

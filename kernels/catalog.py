@@ -477,6 +477,9 @@ def _stats(impl, H, E, t, exclude, tau, loss, topk=0, want_q=False):
 
 class _CatalogLoss(torch.autograd.Function):
     @staticmethod
+    # under CUDA autocast: inputs in fp32 and autocast off inside, in the forward and the backward alike (the
+    # backward recomputes the forward's tiles, so both must round the same way)
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, H, E, targets, exclude, tau, impl, frozen):
         # frozen: only dH will be asked for; the PyTorch paths then accumulate q in this pass
         want_q = frozen and impl != "triton"
@@ -486,6 +489,7 @@ class _CatalogLoss(torch.autograd.Function):
         return (mx - tz) + ls                                                  # [M] fp32
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g):
         H, E, t, exclude, mx, ls, tz, q = ctx.saved_tensors
         need_dH, need_dE = ctx.needs_input_grad[:2]

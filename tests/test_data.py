@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -634,11 +635,18 @@ def test_history_too_large_for_memory(monkeypatch, cache_root):
 
 
 def test_ml100k_without_source_says_how_to_get_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "_recbole_dir", lambda name: None)
+    monkeypatch.setattr(data, "_recbole_dir", lambda name: None)  # so it is downloaded, here from nowhere:
+    with socket.socket() as s:  # a loopback port nobody listens on (tests/test_download.py: the downloads)
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("R2EC_DOWNLOAD_URL", f"http://127.0.0.1:{s.getsockname()[1]}")
+    monkeypatch.setenv("no_proxy", "*")  # never through an http_proxy
     with pytest.raises(DataError) as e:
         load_dataset("ml-100k", verbose=False)
     assert "pip install --no-deps recbole==1.2.1" in str(e.value) and "--data-dir" in str(e.value)
-    assert "\n" not in str(e.value)
+    assert "cannot connect" in str(e.value) and "\n" not in str(e.value)
+    url = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
+    with pytest.raises(DataError, match=re.escape(f"not found: unzip {url} and pass --data-dir DIR")):
+        load_dataset("ml-latest-small", verbose=False)  # no checksum known: never downloaded
 
 
 def run_cli(*args, env_root):

@@ -92,7 +92,7 @@ def test_first_step_equals_one_process(runs, tmp_path, one_thread):
     _, out, _ = runs
     a, b = T.train(T.resolve_config(FLAGS + ["--max-steps", "1", "--out", str(tmp_path / "one")]))["log"][0], \
         steps(out["two"])[1]
-    for k in ("token_loss", "item_loss", "grad_norm", "reward", "reward_std", "r_d", "adv_std", "entropy",
+    for k in ("token_loss", "item_nll", "grad_norm", "reward", "reward_std", "r_d", "adv_std", "entropy",
               "completions/mean_length", "completions/clipped_ratio", "rank_median"):
         assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (k, a[k], b[k])
 
@@ -100,7 +100,7 @@ def test_first_step_equals_one_process(runs, tmp_path, one_thread):
 def test_resume_under_torchrun_continues_exactly(runs):
     _, out, p = runs
     a, b = steps(out["two"])[3], steps(out["cut"])[3]   # the resumed run appends to the stopped run's log
-    for k in ("reward", "token_loss", "item_loss", "grad_norm", "entropy"):
+    for k in ("reward", "token_loss", "item_nll", "grad_norm", "entropy"):
         assert b[k] == a[k], k
     assert "stopped at step 3: max steps" in p["resumed"].stdout
 
