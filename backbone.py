@@ -213,13 +213,19 @@ def check_init_from(init_from, item_tokens=False):
     elif path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise ModelError(f"--init-from {init_from}: no such .gguf file")
-    elif not os.path.isdir(path):
+    else:
+        check_folder(init_from, path)
+
+
+def check_folder(init_from, path):
+    """A Hugging Face model folder: config.json and tokenizer files (one-line ModelError otherwise)."""
+    if not os.path.isdir(path):
         raise ModelError(f"--init-from {init_from}: not 'tiny', an existing directory, a .gguf file or a "
                          "Hugging Face hub id org/name[@revision]")
-    elif not os.path.isfile(os.path.join(path, "config.json")):
+    if not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelError(f"--init-from {init_from}: no config.json; point it at a Hugging Face model "
                          "directory (config.json, *.safetensors, tokenizer files)")
-    elif not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
         raise ModelError(f"--init-from {init_from}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
                          "...); copy the model's tokenizer into that directory")
 
@@ -263,16 +269,8 @@ def build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None
             init_from = gguf_to_hf(GGUF_PACKAGES.get(init_from) and packaged_gguf(init_from) or init_from,
                                    cache_dir, verbose)
         src = hub_snapshot(init_from) or init_from   # a hub id: its snapshot folder (cache or download)
-        if not os.path.isdir(src):
-            raise ModelError(f"--init-from {init_from!r}: not 'tiny', an existing directory, a .gguf file or "
-                             "a Hugging Face hub id org/name[@revision]")
-        if not os.path.isfile(os.path.join(src, "config.json")):
-            raise ModelError(f"--init-from {init_from}: no config.json; point it at a Hugging Face model "
-                             "directory (config.json, *.safetensors, tokenizer files)")
+        check_folder(init_from, src)
         tok_cls = AutoTokenizer
-        if not any(os.path.isfile(os.path.join(src, f)) for f in TOKENIZER_FILES):
-            raise ModelError(f"--init-from {init_from}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}"
-                             ", ...); copy the model's tokenizer into that directory")
         tc = os.path.join(src, "tokenizer_config.json")
         # a plain tokenizer.json (our tiny one): AutoTokenizer would swap in the model type's own
         # pre-tokenizer (Qwen2Tokenizer), which changes the token ids; load it as saved
