@@ -52,15 +52,16 @@ def run_cli(fn, *args):
     """fn(*args); a UserError -> `error: <msg>` on stderr, exit 2. Under torchrun the process joins the group
     first (NCCL for CUDA tensors, gloo for CPU; only rank 0 keeps its stdout) and leaves it at the end."""
     if world() > 1:
-        dist = torch.distributed
+        # imported before init: torch.distributed.nn (transformers imports it) binds group.WORLD as default
+        # arguments, and bound to the group they keep gloo's threads past destroy_process_group into exit (abort)
+        dist = __import__("torch.distributed.nn").distributed
         if not dist.is_initialized():
             cuda, local = torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", "0"))
             if cuda and local < torch.cuda.device_count():   # one GPU per process (pick_device agrees)
                 torch.cuda.set_device(local)
             # generous timeout: the others wait at a barrier while rank 0 builds a large dataset's cache
             dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(hours=2))
-        if not is_main():
-            sys.stdout = open(os.devnull, "w")
+        sys.stdout = sys.stdout if is_main() else open(os.devnull, "w")
     try:
         return fn(*args)
     except UserError as e:
@@ -234,13 +235,12 @@ def all_reduce_grads(params):
     """Sum the gradients over the processes: each weighted its losses by their share of the GLOBAL batch."""
     if world() == 1:
         return
-    dist = torch.distributed
     has = all_reduce(torch.tensor([float(p.grad is not None) for p in params]), "max")   # a grad anywhere
     for p, h in zip(params, has.tolist()):
         if h:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+            torch.distributed.all_reduce(p.grad)
 
 
 # ----------------------------------------------------------------------------- device and threads

@@ -439,7 +439,7 @@ def train(cfg):
     stage = f"an LM stage of at most {cfg['pretrain_steps']} steps, then " * staged
     ends = f"ends within {cfg['time_budget']:g} min, test pass included" if budget else "no time budget"
     print(f"plan: {stage}RecPO steps {step} to {cfg['max_steps']}; {ends}")
-    if saved is None and cfg["pretrain_steps"]:   # stage 1, the LM stage (train split only); then RecPO
+    if staged:   # stage 1, the LM stage (train split only); then RecPO
         st = pretrain.lm_stage(r, params, ds.train, stage_of(cfg), PRETRAIN_SHARE * budget, log)
         state["pretrain"] = st
         log(st, "LM stage: {steps} steps, loss {loss:.3f}, {seconds:.0f}s".format(**st))

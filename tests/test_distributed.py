@@ -26,8 +26,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # an evaluation every 2 steps: the stopped run's last checkpoint (step 2) holds the table the uninterrupted run has
 FLAGS = SMALL + ["--eval-every", "2", "--patience", "0", "--test-samples", "none", "--kernels", "torch"]
 # `eval.py ARGS` as its CLI runs, + the metrics at full precision in the file argv[1] (the table prints 4 digits),
-# + a check that every process holds every user's h_T exactly once (unit norm; ranks alone would not see a 2 x H)
-EVAL = """import json, sys
+# + a check that every process holds every user's h_T exactly once (unit norm; ranks alone would not see a 2 x H),
+# + a check that run_cli's destroy_process_group stopped gloo's threads: one left running into interpreter exit
+# (the group held by a default argument of torch.distributed.nn.functional, which transformers imports) can
+# release the last collective's tensor after finalization began, take the GIL and abort the process (SIGABRT)
+EVAL = """import json, os, sys
 import torch
 import data, eval as ev, model as M
 import common
@@ -44,6 +47,9 @@ def keep(*a, **kw):
     return m, tm, rows
 ev.evaluate_checkpoint = keep
 ev.main(sys.argv[2:])
+tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []   # Linux: names threads
+left = [n for n in (open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks) if "gloo" in n]
+assert not left, f"gloo threads alive after run_cli: {left}"
 """
 
 
@@ -122,7 +128,7 @@ def test_one_copy_of_each_checkpoint_and_log_line(runs):
 def test_eval_metrics_exactly_one_process(runs, one_thread):
     """`torchrun --nproc_per_node 2 eval.py --ckpt ...`: each process decodes every other batch of the same
     length-sorted batches, H is summed (the other process's rows are 0), every process ranks all of it: the
-    metrics equal one process's to the last bit, and rank 0 alone prints them."""
+    metrics equal one process's to the last bit, rank 0 alone prints them, and no gloo thread outlives run_cli."""
     d, out, _ = runs
     script = d / "score.py"
     script.write_text(EVAL)
