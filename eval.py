@@ -350,12 +350,12 @@ def final_cost(state, n_test, cfg, share):
     per = last and (last.get("eval_decode_s", last["eval_s"]) + last.get("eval_rank_s", 0)) / last["eval_n"]
     est = 0 if k < 0 or not last else 1.15 * per * min(n_test, k or n_test) + 15
     cap = (1 - share) * cfg["time_budget"] * 60
-    if est > cap and not state.get("slow_warned"):
+    if est > cap > 0 and not state.get("slow_warned"):   # cap 0: no time budget, nothing to warn about
         state["slow_warned"] = True
         tqdm.write(f"warning: this machine is slower than expected: the test pass is estimated at "
                    f"{est:.0f}s, over the {cap:.0f}s the budget leaves it; training keeps {share:.0%} of the "
                    f"budget and the run will end about {est - cap:.0f}s late")
-    return min(est, cap)
+    return min(est, cap) if cap else est
 
 
 def main(argv=None):

@@ -1,36 +1,33 @@
 """The dual-head R²ec model (arXiv 2505.16994, §3.1): one causal LM, two heads, no new parameters.
 
 - LM head: the backbone's own token head writes the reasoning.
-- Item head (R2ec.item_head: the one place that turns a hidden state into the vector the catalog
-  scores): h = final-layer hidden state (after the final norm) at the LAST token, L2-normalised.
+- Item head (R2ec.item_head: the one place that turns a hidden state into the vector the catalog scores):
+  h = final-layer hidden state (after the final norm) at the LAST token, L2-normalised.
   Items: h_v at the end of the item prompt (assistant turn pre-filled with the anchor "<answer>").
-  Users: h_T at the end of [user prompt + reasoning + anchor]. Score s(v) = cos(h_T, h_v) / tau
-  (tau applied by the scorers).
+  Users: h_T at the end of [user prompt + reasoning + anchor]. The scorers' score: s(v) = cos(h_T, h_v) / tau.
 
 This file owns the R2ec class (every operation of the two heads, once each) and its helpers:
 
     R2ec(model, tokenizer, dataset=None, tau=0.02, max_prompt_len=None, impl="auto")
-      prompts   .user_prompt_ids(hist, hist_rating, hist_time, target_time) / .split_prompt_ids(split,
-                idx, n_hist) / .item_prompt_ids(ids) -> token id lists (chat template applied)
-      reasoning .decode(prompts, G, greedy, temperature, top_k, max_new_tokens, seed, first)
-                -> (rollout, h_T): G chains per prompt and their h_T in ONE cached pass
-                (max_new_tokens=0: no reasoning); a chain's sampling noise is a function of
-                (seed, its prompt's position first + b, g) only
+      prompts   .user_prompt_ids(hist, hist_rating, hist_time, target_time) / .split_prompt_ids(split, idx,
+                n_hist) / .item_prompt_ids(ids) -> token id lists (chat template applied)
+      reasoning .decode(prompts, G, greedy, temperature, top_k, max_new_tokens, seed, first) -> (rollout,
+                h_T): G chains per prompt and their h_T in ONE cached pass (max_new_tokens=0: no reasoning);
+                a chain's sampling noise is a function of (seed, its prompt's position first + b, g) only
       one pass  .forward_both(rollout, G, temperature, return_entropy) -> (logp [N,C], h_T [N,d], ent):
                 both heads with gradient, each prompt encoded once for its G chains
       items     .encode_items(ids, grad) -> h_v [n,d]; .refresh_items() re-encodes .table.E [N+1,d]
       users     .encode_users(prompts, max_new_tokens, batch_size) -> (h_T [n,d], timings) (greedy)
       low level .hidden(ids, mask, pos, cache) / .logits(h) / .pad_left(seqs) / .prefix_forward(...)
-      memory    .enable_gradient_checkpointing(): HF activation checkpointing, full rows instead of a
-                shared cache
+      memory    .enable_gradient_checkpointing(): HF activation checkpointing, full rows, no shared cache
     ItemTable, sample_next, slice_rollout, last_index
 
-Choices worth knowing: generation samples from logits computed as hidden . W^T (the same function the
-one-pass uses). Gemma-2's final logit soft-capping (config.final_logit_softcapping = c) is applied,
-consistently in both: logits c tanh(hidden . W^T / c), before the temperature (R2ec.softcap, passed to
-token_logprobs). Gradient checkpointing swaps the shared-prompt KV cache of forward_both / encode_items for
-one cache-free forward over full rows, the prompt repeated. A sequence that emits an end-of-turn token before
-the anchor is treated like a cut-off one: the EOS is dropped and the anchor appended.
+Choices worth knowing: generation samples from logits computed as hidden . W^T (the same function the one-pass
+uses). Gemma-2's final logit soft-capping (config.final_logit_softcapping = c) is applied, consistently in
+both: logits c tanh(hidden . W^T / c), before the temperature (R2ec.softcap, passed to token_logprobs).
+Gradient checkpointing swaps the shared-prompt KV cache of forward_both / encode_items for one cache-free
+forward over full rows, the prompt repeated. A sequence that emits an end-of-turn token before the anchor is
+treated like a cut-off one: the EOS is dropped and the anchor appended.
 Backbones: backbone.py; checkpoints: checkpoint.py; the LM stage: pretrain.py."""
 import inspect
 import time
@@ -69,6 +66,10 @@ def item_text(item, domain, item_id=None, tag=""):
 
 
 # --------------------------------------------------------------------------------------------------
+# decode() finds the anchor (text: any tokenisation counts) by decoding on the host, from one copy of every
+# DECODE_BLOCK tokens, not once per token (a GPU would wait for Python at each step). A row that wrote it
+# mid-block is fed on to the block's end (rows never see each other's tokens) and those tokens are dropped.
+DECODE_BLOCK = 16
 
 
 def last_index(mask):
@@ -85,8 +86,7 @@ class ItemTable:
         self.fresh = False   # True once fully encoded
 
     def update(self, ids, vecs):
-        """Rows ids [n] <- vecs [n, d]; an id given twice takes its LAST row (plain indexing leaves
-        that open)."""
+        """Rows ids [n] <- vecs [n, d]; a repeated id takes its LAST row (plain indexing leaves that open)."""
         ids = torch.as_tensor(ids, device=self.E.device).long()
         pos = torch.arange(len(ids), device=ids.device)
         last = torch.full((self.E.shape[0],), -1, device=ids.device).scatter_reduce(0, ids, pos, "amax")
@@ -94,15 +94,19 @@ class ItemTable:
         self.E[ids[keep]] = vecs.detach()[keep].float().to(self.E.device)
 
 
-def sample_next(logits, temperature=1.0, greedy=False, top_k=0, u=None):
+def sample_next(logits, temperature=1.0, greedy=False, top_k=0, u=None, seen=None, penalty=1.0):
     """One decoding step: logits [N, V] fp32 -> (token [N], its log-prob [N]). The log-prob is taken
-    under the full tempered softmax (no top-k truncation), which is what forward_both recomputes.
+    under the full tempered softmax (no top-k truncation, no penalty), which is what forward_both recomputes.
+    seen [N, V] > 0: tokens already in the row, whose logits the repetition penalty pulls to 0 (CTRL's; as HF
+    generate and vLLM apply the backbone's generation_config.repetition_penalty) before the choice.
     Sampling inverts the CDF of softmax(z / T) (over the top k) at u [N] in [0, 1): the caller owns the
     noise, so a row's token depends on its own logits and uniform only, never on the rest of the batch; a row
     whose u is negative takes the argmax (decode(greedy_first=True))."""
     # a NaN model must not crash the run (update() then skips its steps and stops it): NaN -> uniform
     z = torch.nan_to_num(logits / max(temperature, 1e-6), nan=0.0)   # [N, V]
     logp_all = torch.log_softmax(z, -1)
+    if seen is not None and penalty != 1.0:
+        z = torch.where(seen > 0, torch.where(z > 0, z / penalty, z * penalty), z)
     if greedy:
         tok = z.argmax(-1)
     else:
@@ -129,37 +133,29 @@ class R2ec:
     """The backbone with its two heads, the item table, and every model operation (once, the fast way)."""
 
     def __init__(self, model, tokenizer, dataset=None, tau=0.02, max_prompt_len=None, impl="auto"):
-        self.model = model
-        self.tok = tokenizer
-        self.dataset = dataset
-        self.tau = tau
-        self.impl = impl
+        self.model, self.tok, self.dataset, self.tau, self.impl = model, tokenizer, dataset, tau, impl
         self.backbone = model.base_model   # decoder without the LM head: hidden states only
-        self.pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                       else tokenizer.eos_token_id)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ctx = getattr(model.config, "max_position_embeddings", None) or 4096
-        # room for 640 new tokens
-        self.max_prompt_len = max_prompt_len or min(1024, max(ctx - 656, ctx // 2))
+        self.max_prompt_len = max_prompt_len or min(1024, max(ctx - 656, ctx // 2))   # room: 640 new tokens
         self.anchor_ids = tokenizer(ANCHOR, add_special_tokens=False)["input_ids"]
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
         self.stop_ids = {int(e) for e in eos if e is not None}
         params = inspect.signature(self.backbone.forward).parameters
-        # transformers >= 5.2x renamed the argument
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"   # renamed in transformers 5.2x
         self._item_ids = {}
-        self._closes = None
-        self._item_prefix = None
-        self._user_prefix = None
+        self._closes = self._item_prefix = self._user_prefix = None   # built on first use
         self.item_map = None   # [(raw_id, title)] for ids 1..N when loaded from a checkpoint
         self.table = ItemTable(dataset.num_items, model.config.hidden_size, self.device) if dataset else None
         # Gemma-2 final-logit soft-capping: logits c tanh(h.W / c), in .logits and every token_logprobs call
         self.softcap = float(getattr(model.config, "final_logit_softcapping", None) or 0.0)
         self.grad_ckpt = False   # set by enable_gradient_checkpointing()
-        # a tokenizer with one token per item (train_tokenizer(item_tokens=True)): prompts name items
-        # by it too
+        # a tokenizer with one token per item (train_tokenizer(item_tokens=True)): prompts name items by it
         self.item_tokens = ITEM_TOKEN.format(1) in tokenizer.get_vocab()
+        gc = getattr(model, "generation_config", None)   # the backbone's own decoding penalty, as RRec's vLLM
+        self.repetition_penalty = float(getattr(gc, "repetition_penalty", None) or 1.0)
 
     def enable_gradient_checkpointing(self):
         """HF activation checkpointing of every decoder layer (non-reentrant), for backbones whose activations
@@ -199,8 +195,7 @@ class R2ec:
         return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
 
     def pad_left(self, seqs, right=False):
-        """Token lists -> (ids [B, P], mask [B, P]) LEFT-padded (right=True: RIGHT-padded), on the
-        model's device."""
+        """Token lists -> (ids, mask) [B, P] LEFT-padded (right=True: RIGHT-padded) on the model's device."""
         P = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), P), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), P, dtype=torch.long)
@@ -242,8 +237,7 @@ class R2ec:
         line but the last: the positions where the history itself says what comes next."""
         d, titles = self.dataset.domain, self.dataset.titles
         head = user_instruction(d)
-        out, ends = [], []
-        n_trunc, n_lines = 0, 0
+        out, ends, n_trunc, n_lines = [], [], 0, 0
         for b in range(len(hist)):
             lines = [history_line(target_time[b] - t, titles[int(i)], r, self.item_tag(i))
                      for i, r, t in zip(hist[b], hist_rating[b], hist_time[b]) if int(i) != 0]
@@ -276,8 +270,7 @@ class R2ec:
             raise ModelError("the tokenizer's offsets do not match its ids; --pretrain-line-weight needs "
                              "a fast tokenizer")
         c = text.index(head + "\n".join(lines)) + len(head)
-        off = enc["offset_mapping"]
-        at, j = [], 0
+        off, at, j = enc["offset_mapping"], [], 0
         for line in lines[:-1]:
             c += len(line)                                         # c: the newline after this line
             while off[j][1] <= c:
@@ -299,9 +292,7 @@ class R2ec:
         if self._user_prefix is None:
             a, b = (self.encode_text(self.chat(user_instruction(self.dataset.domain) + t))
                     if self.dataset else [] for t in ("0", "Z"))
-            k = 0
-            while k < min(len(a), len(b)) and a[k] == b[k]:
-                k += 1
+            k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             self._user_prefix = a[:max(k - 1, 0)]   # one token back: a merge at the boundary never splits it
         return self._user_prefix
 
@@ -319,20 +310,16 @@ class R2ec:
     def assemble(self, prompts, comps, lps, n_sampled, cut):
         """Lists -> rollout dict: [prompt LEFT-padded to P | completion RIGHT-padded to C]."""
         ids, mask = self.pad_left(prompts)
-        N = len(prompts)
-        P = ids.shape[1]
-        C = max(len(c) for c in comps)
+        N, P, C = len(prompts), ids.shape[1], max(len(c) for c in comps)
         tail = torch.full((N, C), self.pad_id, dtype=torch.long)
-        cm = torch.zeros(N, C, dtype=torch.bool)
-        sm = torch.zeros(N, C, dtype=torch.bool)
+        cm, sm = torch.zeros(N, C, dtype=torch.bool), torch.zeros(N, C, dtype=torch.bool)
         lp = torch.zeros(N, C)
         for i, c in enumerate(comps):
             tail[i, :len(c)] = torch.tensor(c, dtype=torch.long)
             cm[i, :len(c)] = True
             sm[i, :n_sampled[i]] = True
             lp[i, :n_sampled[i]] = torch.tensor(lps[i][:n_sampled[i]])
-        z = torch.zeros(N, P, dtype=torch.bool)
-        dev = self.device
+        z, dev = torch.zeros(N, P, dtype=torch.bool), self.device
         return dict(input_ids=torch.cat([ids, tail.to(dev)], 1),
                     attention_mask=torch.cat([mask, cm.long().to(dev)], 1),
                     completion_mask=torch.cat([z, cm], 1).to(dev),
@@ -346,23 +333,21 @@ class R2ec:
                greedy_first=False):
         """Reasoning for B prompts (G chains each, group members adjacent) and h_T, in ONE cached pass.
 
-        The prompts are encoded once (the template prefix they share once for all) and their KV cache
-        repeated G times. Each step samples (or argmaxes) one token per row and feeds it; a row that
-        stopped feeds nothing more (mask 0, so no later query sees it). Rows that wrote the anchor keep
-        the hidden state at its last token as h_T; rows cut off at max_new_tokens (or ending their turn:
-        the end-of-turn token is dropped) get the anchor fed at the end. max_new_tokens=0 is the
-        w/o-reasoning variant (anchor right after the prompt).
-        Sampling noise: chain g of prompt b draws its uniforms from the seed [*seed, first + b, g] (seed:
-        an int or a tuple of ints; first: the position of prompts[0] in a larger batch), so a chain is the
-        same whatever batch, process (torchrun) or micro-batch split it is decoded in. greedy_first:
-        chain 0 of each group is the greedy one (what evaluation reads), the G - 1 others sampled.
-        Returns (rollout dict, h_T [B*G, d] fp32 L2-normalised). Rollout dict: input_ids [N,L] int64
-        (prompt LEFT-padded | completion RIGHT-padded), attention_mask [N,L], completion_mask [N,L] bool
-        (reasoning + anchor), sampled_mask [N,L] bool (tokens actually sampled), old_logp [N,L] fp32
-        (log-prob of each sampled token under softmax(logits / temperature), untruncated by top-k, i.e.
-        what forward_both recomputes; 0 elsewhere), lengths [N], cut [N] bool, prompt_len int."""
-        # room for in-place KV writes
-        room = 0 if torch.is_grad_enabled() else max_new_tokens + len(self.anchor_ids)
+        The prompts are encoded once (the template prefix they share once for all) and their KV cache repeated
+        G times. Each step samples (or argmaxes) one token per row and feeds it; a row that stopped feeds
+        nothing more (mask 0, so no later query sees it). Rows that wrote the anchor keep the hidden state at
+        its last token as h_T; rows cut off at max_new_tokens (or ending their turn: the end-of-turn token is
+        dropped) get the anchor fed at the end. max_new_tokens=0: no reasoning (the anchor after the prompt).
+        Sampling noise: chain g of prompt b draws its uniforms from the seed [*seed, first + b, g] (seed: an
+        int or a tuple of ints; first: the position of prompts[0] in a larger batch), so a chain is the same
+        whatever batch, process (torchrun) or micro-batch split it is decoded in. greedy_first: chain 0 of
+        each group is the greedy one (what evaluation reads), the G - 1 others sampled.
+        Returns (rollout dict, h_T [B*G, d] fp32 L2-normalised). Rollout dict: input_ids [N,L] int64 (prompt
+        LEFT-padded | completion RIGHT-padded), attention_mask [N,L], completion_mask [N,L] bool (reasoning +
+        anchor), sampled_mask [N,L] bool (tokens actually sampled), old_logp [N,L] fp32 (log-prob of each
+        sampled token under softmax(logits / temperature), untruncated by top-k, i.e. what forward_both
+        recomputes; 0 elsewhere), lengths [N], cut [N] bool, prompt_len int."""
+        room = 0 if torch.is_grad_enabled() else max_new_tokens + len(self.anchor_ids)   # in-place KV writes
         cache, pre = new_cache(self.model, room), self.user_prefix()
         k = len(pre) if pre and all(len(p) > len(pre) and p[:len(pre)] == pre for p in prompts) else 0
         if k:   # the template every user prompt starts with runs once; its KV cache is shared by the rows
@@ -376,22 +361,32 @@ class R2ec:
         h = self.hidden(ids, mask, pos, cache)[:, -1]                                  # [B, d]
         if G > 1:
             cache.batch_repeat_interleave(G)
-            h = h.repeat_interleave(G, 0)
-            mask = mask.repeat_interleave(G, 0)
-            pos = pos.repeat_interleave(G, 0)
-        N, dev = h.shape[0], h.device
-        next_pos = pos[:, -1] + 1                                                      # [N]
+            h, mask, pos = (x.repeat_interleave(G, 0) for x in (h, mask, pos))
+        N, dev, next_pos = h.shape[0], h.device, pos[:, -1] + 1                       # next_pos [N]
         h_T = torch.zeros(N, h.shape[1], device=dev)
         seeds = [seed] if isinstance(seed, int) else list(seed)
         noise = None   # [N, max_new_tokens] fp64, one stream per chain
         if not greedy:
             rngs = [np.random.default_rng(seeds + [first + i // G, i % G]) for i in range(N)]
             noise = torch.from_numpy(np.stack([g.random(max_new_tokens) for g in rngs])).to(dev)
-        if greedy_first and noise is not None:
-            noise[::G] = -1.0   # sample_next: u < 0 -> argmax
+            if greedy_first:
+                noise[::G] = -1.0   # sample_next: u < 0 -> argmax
         closes, tail = self._closes_anchor(), len(ANCHOR) + 2
-        comps, lps = [[] for _ in range(N)], [[] for _ in range(N)]
-        done, hit = [False] * N, [False] * N
+        # going back steps (cache.crop) is exact until a sliding window (Gemma-2's) fills: else 1-token blocks
+        wins = [x.sliding_window - 1 for x in getattr(cache, "layers", []) if getattr(x, "is_sliding", False)]
+        cols = mask.shape[1] + max_new_tokens + len(self.anchor_ids)   # the most the cache will hold
+        K = DECODE_BLOCK if all(cols < w for w in wins) else 1
+        stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=dev)
+        toks = torch.full((N, max_new_tokens), -1, device=dev)   # [N, M] fed tokens, -1: not fed
+        lps = torch.zeros(N, max_new_tokens, device=dev)         # [N, M] their log-probs
+        live = torch.ones(N, dtype=torch.bool, device=dev)       # [N] fed at the next step
+        comps, hit, hs, s = [[] for _ in range(N)], [False] * N, [], 0   # hs: the block's hidden states
+        padded = len({len(p) for p in prompts}) > 1   # the mask holds a 0 from the start
+        seen = None   # [N, V] how often each token is in the row's prompt + chain (the repetition penalty)
+        if self.repetition_penalty != 1.0:
+            seen = torch.zeros(N, self.lm_weight.shape[0], device=dev).scatter_add_(
+                1, ids.repeat_interleave(G, 0), mask[:, k:].float())                   # the prefix: below
+            seen[:, pre[:k]] = 1.0
 
         def feed(tok, fed):   # one column: tok [N], fed [N] bool (False: masked out, position not advanced)
             nonlocal mask, next_pos
@@ -400,36 +395,66 @@ class R2ec:
             next_pos = next_pos + fed.long()
             return out
 
-        for s in range(max_new_tokens):
-            if all(done):
-                break
-            tok, lp = sample_next(self.logits(h), temperature, greedy, top_k, None if greedy else noise[:, s])
-            fed, closed = [False] * N, []
-            for i, (t, l) in enumerate(zip(tok.tolist(), lp.tolist())):
-                if done[i]:
-                    continue
-                if t in self.stop_ids:   # ended its turn before the anchor: dropped, the anchor is fed below
-                    done[i] = True
-                    continue
-                comps[i].append(t)
-                lps[i].append(l)
-                fed[i] = True
-                # the anchor spans several tokens: check the decoded tail when a token could close it
-                if closes[t] and ANCHOR in self.tok.decode(comps[i][-tail:]):
-                    done[i] = hit[i] = True
-                    closed.append(i)
-            h = feed(tok, torch.tensor(fed, device=dev))
+        def crop(e):   # back to before step e < s: the columns of steps e..s-1 dropped, exactly
+            nonlocal mask, next_pos
+            if seen is not None:   # and their tokens unseen
+                seen.scatter_add_(1, toks[:, e:s].clamp(min=0), -(toks[:, e:s] >= 0).float())
+            cache.crop(e - s)
+            next_pos = next_pos - mask[:, e - s:].sum(1)                                # [N]
+            mask = mask[:, :e - s]
+        while s < max_new_tokens:   # no host sync but at block ends
+            u, rp = None if greedy else noise[:, s], self.repetition_penalty
+            tok, lp = sample_next(self.logits(h), temperature, greedy, top_k, u, seen, rp)
+            live &= ~torch.isin(tok, stops)   # ended its turn: the token dropped, the anchor fed below
+            toks[:, s] = torch.where(live, tok, -1)
+            lps[:, s] = lp
+            h = feed(tok, live)
+            if seen is not None:
+                seen.scatter_add_(1, tok[:, None], live[:, None].float())
+            hs.append(h)
+            s += 1
+            if len(hs) < K and s < max_new_tokens:
+                continue
+            b0 = s - len(hs)
+            blk, closed = toks[:, b0:s].tolist(), []   # the block's one host copy [N, <= K]
+            for i, row in enumerate(blk):
+                for j, t in enumerate(row):
+                    if t < 0:   # not fed: ended its turn, or wrote the anchor before this block
+                        break
+                    comps[i].append(t)
+                    # the anchor spans several tokens: check the decoded tail when a token could close it
+                    if closes[t] and ANCHOR in self.tok.decode(comps[i][-tail:]):
+                        hit[i] = True
+                        closed.append((i, j))
+                        break
+            e = b0 + min((j for _, j in closed), default=K) + 1   # the step after the block's first anchor
+            # token by token, that row is masked from step e: if that is the mask's first 0, transformers'
+            # SDPA changes kernel there (it drops an all-1 mask), so steps e.. run again, as they ran then
+            if not padded and e < s and min(min(row[:e - b0 + 1]) for row in blk) >= 0:
+                closed = [(i, j) for i, j in closed if b0 + j + 1 == e]
+                hit, comps = [x and len(c) <= e for x, c in zip(hit, comps)], [c[:e] for c in comps]
+                crop(e)
+                s, h, live = e, hs[e - 1 - b0], toks[:, e - 1] >= 0
             if closed:
-                h_T[closed] = h[closed].float()
+                at = torch.tensor(closed, device=dev).T                                # [2, n] rows, steps
+                h_T[at[0]] = torch.stack(hs)[at[1], at[0]].float()                     # after its last token
+                live[at[0]] = False
+            hs = []
+            if all(x or len(c) < s for x, c in zip(hit, comps)):   # all done: token by token, it stops at e
+                e = max(len(c) - x for x, c in zip(hit, comps)) + 1
+                if e < s:   # so the anchor fed below sees the same columns (their number moves the rounding)
+                    crop(e)
+                break
         n_sampled = [len(c) for c in comps]
-        need = torch.tensor([not x for x in hit], device=dev)
-        if need.any():
+        lps = lps[:, :max(n_sampled)].tolist()
+        cut = [not x for x in hit]
+        need = torch.tensor(cut, device=dev)
+        if not all(hit):
             for a in self.anchor_ids:
                 h = feed(torch.full((N,), a, dtype=torch.long, device=dev), need)
-            h_T[need] = h[need].float()
+            h_T = torch.where(need[:, None], h.float(), h_T)
         comps = [c if hit[i] else c + list(self.anchor_ids) for i, c in enumerate(comps)]
-        chain_prompts = [p for p in prompts for _ in range(G)]
-        ro = self.assemble(chain_prompts, comps, lps, n_sampled, [not x for x in hit])
+        ro = self.assemble([p for p in prompts for _ in range(G)], comps, lps, n_sampled, cut)
         return ro, self.item_head(h_T)
 
     def decode_completions(self, ro):
@@ -471,18 +496,14 @@ class R2ec:
 
     def forward_both(self, ro, G=1, temperature=1.0, return_entropy=False):
         """One backbone pass over rollout rows (whole groups of G sharing a prompt, encoded once) ->
-        (logp [N, C] of the completion tokens at `temperature`, 0 on padding; h_T [N, d] fp32
-        L2-normalised at the last real token; entropy [N, C] or None). No [N, C, V] logits: the log-probs
-        come from the hidden states and the LM head weight through kernels.logprobs.token_logprobs
-        (soft-capped like .logits). Under gradient checkpointing in training mode, full rows in one
-        cache-free pass (rows_forward)."""
-        P = ro["prompt_len"]
-        ids = ro["input_ids"]
-        am = ro["attention_mask"]
-        cm = ro["completion_mask"][:, P:]
+        (logp [N, C] of the completion tokens at `temperature`, 0 on padding; h_T [N, d] fp32 L2-normalised
+        at the last real token; entropy [N, C] or None). No [N, C, V] logits: the log-probs come from the
+        hidden states and the LM head weight via kernels.logprobs.token_logprobs (soft-capped like .logits).
+        Under gradient checkpointing in training mode, full rows in one cache-free pass (rows_forward)."""
+        P, ids, am = ro["prompt_len"], ro["input_ids"], ro["attention_mask"]
         hp, hs = self.prefix_forward(ids[::G, :P], am[::G, :P], ids[:, P:], am[:, P:], G)   # [N,d], [N,C,d]
         pred = torch.cat([hp[:, None], hs[:, :-1]], 1)            # hidden that predicts completion token j
-        m = cm.bool()
+        m = ro["completion_mask"][:, P:].bool()
         out = token_logprobs(pred[m], self.lm_weight, ids[:, P:][m], temperature,
                              return_entropy=return_entropy, impl=self.impl, softcap=self.softcap)
         lp, ent = out if return_entropy else (out, None)
@@ -496,17 +517,15 @@ class R2ec:
     # ---- item head ----
     def item_head(self, h):
         """The item head (§3.1): final hidden states [..., d] -> the vectors the catalog scores, fp32 and
-        L2-normalised, so that a dot product / tau is s(v) = cos(h_T, h_v) / tau. Users' h_T and items'
-        h_v both pass here and nowhere else; a dot-product head would return h.float() (and a different
-        tau)."""
+        L2-normalised, so that a dot product / tau is s(v) = cos(h_T, h_v) / tau. Users' h_T and items' h_v
+        both pass here and nowhere else; a dot-product head would return h.float() (and a different tau)."""
         return F.normalize(h.float(), dim=-1)
 
     def item_prefix(self):
         """The longest token prefix shared by every item prompt (the template), encoded once per batch."""
         if self._item_prefix is None:
             allp = self.item_prompt_ids(range(1, self.dataset.num_items + 1))
-            k = min(len(p) for p in allp) - 1          # keep at least one token per suffix
-            first = allp[0]
+            k, first = min(len(p) for p in allp) - 1, allp[0]   # k: keep at least one token per suffix
             for p in allp:
                 while k and p[:k] != first[:k]:
                     k -= 1
@@ -515,15 +534,13 @@ class R2ec:
 
     def encode_items(self, ids, grad=False, batch_size=256, progress=False, desc="encode items", shard=False):
         """-> h_v [n, d] fp32 L2-normalised, in the order of ids. The template prefix runs once per batch;
-        batches hold items of similar length (sorted, longest first), so results are batch-free.
-        shard=True (torchrun): this process encodes every world()-th of those batches, the other rows
-        are 0."""
+        batches hold items of similar length (sorted, longest first), so results are batch-free. shard=True
+        (torchrun): this process encodes every world()-th of those batches, the other rows are 0."""
         ids = [int(i) for i in ids]
         pre, prompts = self.item_prefix(), self.item_prompt_ids(ids)
         k, dev = len(pre), self.device
         order = sorted(range(len(ids)), key=lambda i: -len(prompts[i]))
-        starts = range(0, len(order), batch_size)
-        out, rows = [], []
+        starts, out, rows = range(0, len(order), batch_size), [], []
         with torch.enable_grad() if grad else torch.no_grad():
             for s in tqdm(starts[rank()::world()] if shard else starts, desc=desc, disable=not progress,
                           unit="batch", leave=False):
@@ -576,8 +593,7 @@ class R2ec:
         starts = range(0, len(order), batch_size)
         for s in tqdm(starts[rank()::world()] if shard else starts, desc=desc, disable=not progress,
                       leave=False, unit="batch"):
-            b = order[s:s + batch_size]
-            t0 = time.time()
+            b, t0 = order[s:s + batch_size], time.time()
             fit_threads(self.device)
             with autocast(self.device):
                 ro, h = self.decode([prompts[i] for i in b], greedy=True, max_new_tokens=max_new_tokens)

@@ -49,7 +49,11 @@ Departures from the paper / the authors' reference code, and why
     *down*; the reference's summed advantages never do. We clamp the selected advantages at 0.
 12. Optional (`weighting="uniform"`): the selected rows' item loss as a plain cross-entropy, each row
     weight 1. The paper's A⁺/B gives a user ~A⁺/G of a w/o-reasoning user's item gradient, and none in
-    a group of equal rewards."""
+    a group of equal rewards.
+13. Sampling: temperature 2.0, top-k 50, the paper's (§4); the reference code samples at 1.5, top-k 200. Both
+    score tokens on raw logits (train.py's log-prob temperature 1 under --preset paper).
+14. AdamW with fp32 states (β 0.9 / 0.999, no weight decay, as the reference); the reference keeps them paged
+    8-bit (bitsandbytes, not a dependency here): the same update up to the states' quantisation."""
 import torch
 
 from kernels.catalog import catalog_loss, catalog_stats
@@ -297,4 +301,5 @@ def format_metrics(m):
             + (f" | clip {clip:.3f}/{m['clip_ratio/high_mean']:.3f}" if clip is not None else "")
             + f" | ent {m.get('entropy') or 0:.2f} | len {m['completions/mean_length']:.1f} cut "
             f"{m['completions/clipped_ratio']:.2f} | gnorm {m['grad_norm']:.3f} | "
-            f"lr {m['learning_rate']:.2e} | {m['step_s']:.2f}s/step {m['tokens_per_s']:.0f} tok/s")
+            f"lr {m['learning_rate']:.2e} | {m['step_s']:.2f}s/step {m['tokens_per_s']:.0f} tok/s"
+            + (f" | peak {m['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in m else ""))

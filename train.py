@@ -31,15 +31,20 @@ import pretrain
 import recpo
 
 PRESETS = {
+    # the paper (§4), and where it is silent the reference code (YRYangang/RRec); README, *Presets*
     "paper": dict(prompt_history=20, max_new_tokens=640, val_samples=0, train_recent=0, item_loss="inbatch",
                   micro_batch_size=4, embed_lr_mult=1.0, time_budget=0.0, pretrain_steps=0,
-                  temperature=2.0, kl_beta=0.0),
+                  temperature=2.0, kl_beta=0.0, batch_size=12, gradient_checkpointing=True, patience=8,
+                  max_steps=None, eval_every=None, epochs=3, lr_schedule="constant", adam_beta2=0.999,
+                  logp_temperature=1.0),
     "cpu": dict(prompt_history=8, max_new_tokens=32, val_samples=1000, train_recent=10000,
                 item_loss="sampled", micro_batch_size=32, embed_lr_mult=0.1, time_budget=10.0,
                 pretrain_steps=2000, temperature=1.0, kl_beta=0.1, pretrain_item_weight=1.0,
                 item_weighting="uniform", relabel_topk=0, cut_penalty=0.1, greedy_chain=True,
-                pretrain_prompt_weight=0.25, pretrain_line_weight=1.0, item_tokens=True, num_generations=2),
+                pretrain_prompt_weight=0.25, pretrain_line_weight=1.0, item_tokens=True, num_generations=2,
+                lr_schedule="cosine", adam_beta2=0.99, logp_temperature=None),
 }
+EVALS_PER_EPOCH = 8    # --preset paper without --max-steps: `epochs` epochs, evaluated 8 times each (RRec)
 LR = {"tiny": 2e-3, "hf": 1e-5}   # --lr default by backbone [paper: 1e-5]
 # what a resumed run may not change: it defines the data, the model or the meaning of a step
 # (item tokens: the checkpoint's tokenizer has them or not)
@@ -114,18 +119,22 @@ def get_parser():
     g("--kl-beta", type=F0, help="k3 KL to the model RecPO starts from [paper: 0; cpu: 0.1]")
     g("--reference-broadcast", action="store_true", help="ablation: the reference's defect (recpo.py, 1.)")
     g = p.add_argument_group("optimisation").add_argument
-    g("--batch-size", type=I, default=32, help="training users per step (each with G rollouts)")
+    g("--batch-size", type=I, default=32, help="training users per step, G rollouts each "
+      "[paper: 12, RRec's 4 a GPU x 3]")
     g("--micro-batch-size", type=I, help="users per forward/backward [paper setup: 4; cpu: 32]")
-    g("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g("--gradient-checkpointing", action=yes_no, default=False, help="recompute activations in backward "
+      "[paper: yes]")
     g("--num-iterations", type=I, default=1, help="optimizer passes over each rollout batch [paper: 1]")
     g("--lr", type=F, help=f"AdamW peak LR [paper: 1e-5; tiny backbone: {LR['tiny']}]")
     g("--embed-lr-mult", type=F0, help="LR factor of a trained tied embedding [paper: 1; cpu: 0.1]")
-    g("--max-steps", type=I, default=2000, help="RL steps (rollouts + update)")
+    g("--max-steps", type=I, default=2000, help="RL steps (rollouts + update) [paper: 3 epochs]")
     g("--time-budget", type=F0, help="minutes for the run, test pass included, 0 = off [paper: 0; cpu: 10]")
     g = p.add_argument_group("evaluation and output").add_argument
     g("--item-refresh", type=I, default=20, help="re-encode the item table every N steps (and before eval)")
-    g("--eval-every", type=I0, default=100, help="evaluate on valid every N steps (0: at the end only)")
-    g("--patience", type=I0, default=5, help="stop after N evaluations without a better valid NDCG@10")
+    g("--eval-every", type=I0, default=100, help="evaluate on valid every N steps, 0: at "
+      "the end only [paper: 8 times an epoch]")
+    g("--patience", type=I0, default=5, help="stop after N evaluations without "
+      "a better valid NDCG@10 [paper: 8]")
     g("--val-samples", type=lambda t: 0 if t == "all" else I0(t), help="valid subset [paper: all; cpu: 1000]")
     g("--eval-batch-size", type=I, default=256, help="users per reasoning batch, items per encoding batch")
     g("--test-samples", type=lambda t: TEST_SAMPLES[t] if t in TEST_SAMPLES else I0(t), default=0,
@@ -162,8 +171,8 @@ def resolve_config(argv=None):
     preset = args.preset or ("paper" if common.pick_device(args.device).startswith("cuda") else "cpu")
     cfg = {**vars(args), **PRESETS[preset], **given, "preset": preset}
     cfg["lr"] = cfg["lr"] or LR["tiny" if cfg["init_from"] == "tiny" else "hf"]
-    # the token log-probs of the loss at the sampling temperature (as TRL; the reference code: raw logits)
-    cfg["logp_temperature"] = cfg["temperature"]
+    # the loss's token log-probs: raw logits (paper: the reference code's) or at the sampling temperature
+    cfg["logp_temperature"] = cfg.get("logp_temperature") or cfg["temperature"]
     if cfg["init_from"] != "tiny":   # the LM stage and item tokens are the tiny backbone's
         cfg["pretrain_steps"] = given.get("pretrain_steps", 0)
         cfg["item_tokens"] = given.get("item_tokens", False)
@@ -220,9 +229,11 @@ def stage_of(cfg):
 # one RL step: rollout() then update()
 
 def lr_at(step, cfg, horizon=None):
-    """Linear warmup, then cosine to MIN_LR_FRAC x lr over --max-steps, or over the steps the time budget
-    allows (`horizon`, estimated after 10 steps)."""
+    """Constant (paper: the reference's HF "constant" schedule, which has no warm-up), or a linear warm-up,
+    then cosine to MIN_LR_FRAC x lr over --max-steps or the steps the time budget allows (`horizon`)."""
     lr, w = cfg["lr"], WARMUP_STEPS
+    if cfg.get("lr_schedule") == "constant":
+        return lr
     if step < w:
         return lr * (step + 1) / w
     t = min(1.0, (step - w) / max(1, (horizon or cfg["max_steps"]) - w))
@@ -404,7 +415,7 @@ def param_groups(r, params, embed_lr_mult=1.0):
 def optimizer(r, params, cfg, saved):
     """AdamW -> (opt, state, step); resuming: with the saved optimizer, RNG and counters."""
     groups = param_groups(r, params, cfg["embed_lr_mult"])
-    opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, cfg.get("adam_beta2", 0.99)), weight_decay=0.0)
     state = {"best": -1.0, "best_step": -1, "bad_evals": 0, "evals": [], "skipped": 0}
     if saved is None:
         return opt, state, 0
@@ -430,6 +441,11 @@ def train(cfg):
     torch.manual_seed(cfg["seed"])
     bars = common.show_progress()
     ds = data.load_for_run(cfg, verbose=common.is_main())
+    if None in (cfg["max_steps"], cfg["eval_every"]):   # --preset paper: the reference's epochs and cadence
+        n = math.ceil(cfg["epochs"] * len(ds.train) / cfg["batch_size"])
+        cfg["max_steps"] = cfg["max_steps"] or n
+        if cfg["eval_every"] is None:
+            cfg["eval_every"] = max(1, n // (cfg["epochs"] * EVALS_PER_EPOCH))
     r, params, saved = build(cfg, ds, verbose=common.is_main())
     opt, state, step = optimizer(r, params, cfg, saved)
     log = common.jsonl_logger(os.path.join(cfg["out"], "log.jsonl"), cfg.get("report_to", "none"))
@@ -481,6 +497,8 @@ def train(cfg):
         tokens = int(batch.log_rows[3]["attention_mask"].sum()) * cfg["num_iterations"]
         rec = {"step": step, **recpo.step_metrics(*batch.log_rows, stats), "learning_rate": lr,
                "step_s": times[-1], "phases_s": dict(ph.s), "tokens_per_s": tokens / times[-1]}
+        if r.device.type == "cuda":   # the run's peak so far (the GPU check reports it)
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(r.device) / 2 ** 30
         one_pass = cfg["num_iterations"] == 1   # then every ratio is 1: clip fractions are 0 by construction
         ppo_only = ("clip_ratio/", "item_clip_") if one_pass else ()
         rec = {k: v for k, v in rec.items() if v is not None and not k.startswith(ppo_only)}

@@ -11,8 +11,8 @@ Both public functions take impl=:
                fp64 GEMMs rounded to fp32, as torch); the block holds at most WORKSPACE_BYTES of logits
     triton     fused Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1, set before import)
     auto       pick_impl: triton under TRITON_INTERPRET=1 (the tests); else the entry that bench/kernels.py
-               measured for this machine kind, dtype, op, gradients and size in dispatch.json; else
-               triton on CUDA and torch otherwise
+               measured for this machine kind, dtype, op (log-probs: with or without entropy), gradients
+               and size in dispatch.json; else triton on CUDA and torch otherwise
 Argument checks: every public function checks shapes, dtypes and scales on entry and raises a one-line
 ValueError naming the argument. Id ranges (targets, excluded ids, tokens) cost one device sync per call;
 CHECK_IDS = False (or R2EC_SKIP_ID_CHECKS=1 in the environment) skips only those. Out-of-range ids are
@@ -49,7 +49,8 @@ def check_float(fn, name, x, ndim=None):
 
 def check_int(fn, name, x, shape):
     if not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-        raise ValueError(f"{fn}: {name} must be an integer tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        got = getattr(x, "dtype", type(x).__name__)
+        raise ValueError(f"{fn}: {name} must be an integer tensor, got {got}")
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{fn}: {name} must have shape {list(shape)}, got {list(x.shape)}")
 
@@ -103,9 +104,12 @@ def device_kind(dev):
     return f"{dev.type}:{_cpu_model()}"
 
 
-def dispatch_key(kind, dtype, op, grads, rows, N, d):
-    """Entry key; the size bucket is the decade of rows*N*d (= GEMM FLOPs / 2)."""
+def dispatch_key(kind, dtype, op, grads, rows, N, d, entropy=False):
+    """Entry key; the size bucket is the decade of rows*N*d (= GEMM FLOPs / 2). entropy: the call also
+    returns the entropy (training's log-prob call), op 'logprob+entropy'; keys without it are calls
+    without entropy, so entries written before the field existed keep their meaning."""
     bucket = int(math.floor(math.log10(max(1, rows * N * d))))
+    op = f"{op}+entropy" if entropy else op
     return f"{kind}|{str(dtype).replace('torch.', '')}|{op}|{grads}|1e{bucket}"
 
 
@@ -119,11 +123,12 @@ def dispatch_table():
         return {}
 
 
-def pick_impl(impl, *tensors, op=None, grads=None):
+def pick_impl(impl, *tensors, op=None, grads=None, entropy=False):
     """Resolve impl="auto" for these tensors (X rows first, then the table W).
     auto: under TRITON_INTERPRET=1 with CPU tensors, triton (the interpreter: tests); else the measured
-    entry of dispatch_table() for (device kind, W dtype, op, grads, size bucket) when there is one; else
-    triton on CUDA and torch otherwise."""
+    entry of dispatch_table() for (device kind, W dtype, op, entropy asked for, grads, size bucket) when
+    there is one (asked for entropy and no entry: the entry without it); else triton on CUDA and torch
+    otherwise."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be {'|'.join(IMPLS)}, got {impl!r}")
     if impl != "auto":
@@ -135,11 +140,13 @@ def pick_impl(impl, *tensors, op=None, grads=None):
         return "triton"
     if op is not None and len(tensors) >= 2:
         X, W = tensors[0], tensors[1]
-        key = dispatch_key(device_kind(W.device), W.dtype, op, grads or "fwd",
-                           X.numel() // max(1, X.shape[-1]), W.shape[0], W.shape[-1])
-        hit = dispatch_table().get(key)
-        if hit is not None and (hit != "triton" or (HAS_TRITON and on_cuda)):
-            return hit
+        key = (device_kind(W.device), W.dtype, op, grads or "fwd",
+               X.numel() // max(1, X.shape[-1]), W.shape[0], W.shape[-1])
+        # an entropy call with no entry of its own takes the entry of the same call without the entropy
+        for ent in dict.fromkeys((bool(entropy), False)):
+            hit = dispatch_table().get(dispatch_key(*key, ent))
+            if hit is not None and (hit != "triton" or (HAS_TRITON and on_cuda)):
+                return hit
     return "triton" if HAS_TRITON and on_cuda else "torch"
 
 

@@ -26,29 +26,42 @@ backward pass over E at all (2 GEMM-sized passes in all instead of 3).
 
 Paths (impl=), GEMM passes for stats / loss fwd / fwd + dH (frozen E) / fwd + dH + dE:
 - reference: materialises [M,N] (the spec), by the torch path's formula (_logits, fp64 GEMMs).
-- torch: tiles = all M rows x catalog chunks of CHUNK_BYTES; CPU and fallback. Stats (ranks) use fp64
-  GEMMs rounded to fp32, then scaled by 1/tau: a BLAS may round positions of one GEMM differently
-  (MKL's fp32 GEMV does for the last N % 8 columns), fp64 sums rounded to fp32 agree. The target
-  logits are the diagonals of the same formula on H x E[t] (128-row blocks). 1 / 1 / 2 / 4 passes.
+- torch: tiles = all M rows x catalog chunks of CHUNK_BYTES; CPU and fallback. The target logits are
+  the diagonals of the same formula on H x E[t] (128-row blocks). 1 / 1 / 2 / 4 passes.
 - chunked: tiles = row blocks x the whole catalog (WORKSPACE_BYTES of logits per block, kernels/
-  __init__.py), plain matmuls in E's dtype on CUDA half inputs (cuBLAS), else as torch (stats: fp64
-  GEMMs, a table copy in fp64), logits in fp32 per block, the target logit read from the same GEMM
-  output; dE summed over row blocks by addmm_ in E's dtype.
-  Same code as torch, only the tiling and the GEMM dtype differ. 1 / 1 / 2 / 4 passes.
+  __init__.py), the target logit read from the same GEMM output; dE summed over row blocks by addmm_
+  in E's dtype. Same code as torch, only the tiling and the GEMM dtype differ. 1 / 1 / 2 / 4 passes.
 - triton: grid (M-tiles, catalog splits); each program streams its slice of E through tl.dot tiles
-  (bf16 in, fp32 accumulate) keeping online (max, sumexp, count) per row; a second step merges
-  the [splits, M] partials (deterministic, no atomics). Exclusions are (row, id) pairs sorted by
-  tile on the host, so a tile compares only the ~1 pair that falls in it. The target logit comes
-  from a [BM, BN] tile of the same shape and tl.dot steps, so an item identical to the target ties
-  exactly (fp32 accumulation).
+  keeping online (max, sumexp, count) per row; a second step merges the [splits, M] partials
+  (deterministic, no atomics). Exclusions are (row, id) pairs sorted by tile on the host, so a tile
+  compares only the ~1 pair that falls in it. The target logit comes from a [BM, BN] tile of the same
+  shape, tl.dot steps and precision, so an item identical to the target ties exactly.
   Top-k: a chunk kernel writes masked fp32 logits per catalog chunk, torch.topk merges them.
   Backward: per catalog chunk, a kernel recomputes z and writes dz (E's dtype), then cuBLAS GEMMs
   for the gradients asked for: dH += dz @ E_c (fp32 sum over chunks), dE_c = dz^T @ H (each row
   once). 1 / 1 / 3 / 4 passes (q would need a [BM, d] accumulator per program: too big for d=2048).
+Precision of z, which ranks, top-k, lse and the loss all read (fp64 inputs: fp64 on every path):
+- reference, torch, chunked, on any device: stats (ranks, top-k) -> fp64 GEMMs rounded to fp32, then
+  scaled by 1/tau. A BLAS may round positions of one GEMM differently (MKL's fp32 GEMV does for its
+  last N % 8 columns; a cuBLAS stream-K split sums tiles in other orders), and the torch path's target
+  logits come from other GEMMs: fp64 sums rounded to fp32 agree. Losses and gradients -> fp32 GEMMs (on
+  CUDA under torch's own fp32 matmul setting, ieee unless the caller enabled TF32: process-wide state,
+  never flipped here). Except chunked on CUDA half inputs: GEMMs in E's dtype (cuBLAS), logits upcast
+  to fp32 per block (ranks at that precision: auto never picks it for stats).
+- triton on CUDA: bf16 / fp16 inputs -> tensor cores in that dtype, fp32 accumulation. fp32 inputs (the
+  item table of reward and evaluation) -> FP32_DOT["cuda"] (env R2EC_CATALOG_FP32_DOT): "tf32x3" (the
+  default: tensor cores, each operand split into two tf32 parts, 3 products, fp32 accumulation: about
+  fp32 accuracy), "tf32" (one product of 10-bit-mantissa operands: ~1e-3 relative, the fastest) or
+  "ieee" (fp32 FMAs, no tensor cores).
+- triton under the interpreter (CPU): fp32 products and sums; FP32_DOT["cpu"] = "tf32" (tests force it)
+  first rounds both operands to tf32 in the kernel (nearest, ties away; tensor cores may truncate).
+On every path the target's logit comes out of the same arithmetic as every item's (torch: the _logits
+formula; chunked: the same GEMM; triton: the same tiles and precision), so its exact twin ties with it.
 Napkin (H100, M=4,096, N=1,000,000, d=2,048, bf16): one z pass is 16.8 TFLOP = 21.5 ms at the
 measured 780 TFLOP/s; triton measured fwd 39.5 ms, fwd+dH+dE 126 ms (floor 86 ms), 4.1 GiB above the
 inputs (the dE it returns); naive fp32 logits 160 ms / 46 GiB.
 """
+import os
 from collections import namedtuple
 
 import torch
@@ -66,6 +79,9 @@ CatalogStats = namedtuple("CatalogStats", "lse target_logit rank topk_scores top
 CHUNK_BYTES = 64 << 20   # torch path: scratch per catalog chunk (fp32 logits + item rows); x4 on a GPU
 # H100: 128x128 tiles, d streamed in 64-wide steps (bf16) through a 3-stage pipeline
 GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
+# Triton tl.dot precision for fp32 inputs by device type (docstring: "Precision of z"). CUDA: tensor
+# cores at about fp32 accuracy (tf32x3), so fp32-level ranks and the CUDA tests' fp32 tolerances hold
+FP32_DOT = {"cuda": os.environ.get("R2EC_CATALOG_FP32_DOT", "tf32x3"), "cpu": "ieee"}
 SPLIT_WAVES = 16         # stats kernel: ~16 programs per SM, so the last wave is short
 CHUNK_WARPS = 4          # warps of the per-chunk (top-k logits / backward dz) kernel
 
@@ -81,11 +97,8 @@ def _excluded_mask(M, N, exclude, device):
 
 
 def _dtypes(impl, H, E, exact):
-    """(GEMM dtype, logits dtype). Ranks are computed on fp32 logits (fp64 for fp64 inputs). exact
-    (stats, and the reference): fp32 GEMMs run in fp64 and are rounded to fp32, because a BLAS may round
-    different positions of one product differently (MKL's fp32 GEMV does, for the last N % 8 columns),
-    and an item identical to the target must get bit-identical logits. chunked on CUDA half inputs:
-    GEMMs in E's dtype (cuBLAS), their output upcast to fp32."""
+    """(GEMM dtype, logits dtype) of the PyTorch paths (module docstring, "Precision of z"). exact
+    (stats, the reference): fp32 GEMMs run in fp64, rounded to fp32, so twins get bit-identical logits."""
     cdt = torch.promote_types(H.dtype, torch.float32)                          # fp64 stays fp64
     if impl == "chunked" and E.is_cuda and E.dtype in (torch.bfloat16, torch.float16):
         return E.dtype, cdt
@@ -262,10 +275,19 @@ if HAS_TRITON:
             if UPCAST:   # the interpreter holds bf16 as raw int16: upcast right after the load
                 h = h.to(tl.float32)
                 e = e.to(tl.float32)
+                if PREC == "tf32":   # the interpreter ignores input_precision: round as tensor cores read
+                    h = _round_tf32(h)
+                    e = _round_tf32(e)
             acc = tl.dot(h, tl.trans(e), acc, input_precision=PREC)
             hp += BLOCK_D
             ep += BLOCK_D
         return acc * inv_tau
+
+    @triton.jit
+    def _round_tf32(x):
+        """x rounded to tf32 (10 mantissa bits; nearest, ties away from zero); inf and nan kept."""
+        r = ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+        return tl.where(tl.abs(x) < float("inf"), r, x)
 
     @triton.jit
     def _tile_excluded(XR, XC, rows, cols, cmask, tgt, x0, x1, LOSS: tl.constexpr):
@@ -377,8 +399,11 @@ def _config(H, E):
     cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=32) if interp else dict(GPU_CONFIG)
     if fp32 and not interp:
         cfg["BLOCK_D"] = 32                                                   # fp32: 2x the bytes
-    cfg.update(EVEN_D=H.shape[1] % cfg["BLOCK_D"] == 0, UPCAST=interp,
-               PREC="ieee" if (fp32 or interp) else "tf32")                  # fp32 inputs: no tf32
+    # half inputs: their own dtype on tensor cores (the interpreter: exact fp32 products of them)
+    prec = FP32_DOT["cpu" if interp else "cuda"] if fp32 else "ieee" if interp else "tf32"
+    if prec not in ("ieee", "tf32", "tf32x3"):
+        raise ValueError(f"catalog: FP32_DOT (R2EC_CATALOG_FP32_DOT) must be ieee|tf32|tf32x3, got {prec!r}")
+    cfg.update(EVEN_D=H.shape[1] % cfg["BLOCK_D"] == 0, UPCAST=interp, PREC=prec)
     return cfg
 
 
@@ -531,7 +556,8 @@ def catalog_stats(H, E, targets, exclude=None, tau=1.0, topk=0, impl="auto"):
     tau, ex = _check("catalog_stats", H, E, targets, exclude, tau)
     # ranks must not depend on the batch: auto never picks the chunked path, whose half GEMMs on CUDA
     # round the logits to E's dtype by a kernel that cuBLAS picks by the batch size
-    impl = "torch" if impl == "auto" and _resolve(impl, H, E, "stats") == "chunked" else _resolve(impl, H, E, "stats")
+    picked = _resolve(impl, H, E, "stats")
+    impl = "torch" if impl == "auto" and picked == "chunked" else picked
     with torch.no_grad():
         if impl == "reference":
             return catalog_stats_reference(H, E, targets, exclude, tau, topk)

@@ -19,10 +19,12 @@ Backward, upstream g = dL/dlogp, e = dL/dH:
     dh = (dL/dz / t) @ W,   dW = (dL/dz / t)^T @ h
 The backward recomputes z tile by tile from h and W (4 GEMM-sized passes in all: z, z again, dh, dW);
 nothing [T,V]-sized is ever stored. Masked tokens (prompt, padding) are dropped before any work. Only
-the gradients asked for are computed. Frozen head (W without grad, the LoRA case) and no entropy
-output, so only g can come back: dh = -g/t (expm1(logp_y) W_y + q) with q_i = sum_{j != y} p_ij W_j,
-which the PyTorch paths accumulate in the forward pass (one extra GEMM there, no backward pass over W:
-2 GEMM-sized passes in all instead of 3).
+the gradients asked for are computed. Frozen head (W without grad, the LoRA case) and no gradient
+through the entropy (training returns it only to log it), so only g comes back: dh = -g/t (expm1(logp_y)
+W_y + q) with q_i = sum_{j != y} p_ij W_j, which the PyTorch paths accumulate in the forward pass (one
+extra GEMM there, no backward pass over W: 2 GEMM-sized passes in all instead of 3). q does not depend on
+the outputs asked for, so returning the entropy costs it nothing; a gradient through the entropy needs
+sum_j p_j logp_j W_j as well, unknown in the forward, so that backward makes its usual pass (4 in all).
 Final-logit soft-capping (softcap=c > 0, Gemma-2's final_logit_softcapping; 0 = off): the raw logit
 a = h . W_j is capped BEFORE the temperature, z = c tanh(a / c) / t. Everything above holds in z; the
 chain rule only swaps the factor 1/t for dz/da = (1 - tanh^2(a / c)) / t (in the frozen-head form, the
@@ -344,8 +346,8 @@ def _triton_backward(h, W, y, t, cap, m, ls, ent, g, e, need_dh, need_dW):
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, y, t, impl, want_q, c=0.0):
-        # want_q: frozen head and no entropy output, so only g reaches the backward: the PyTorch paths
-        # then accumulate q here and the backward makes no pass over W
+        # want_q: frozen head, so unless the entropy gets a gradient only g reaches the backward: the
+        # PyTorch paths accumulate q here and that backward makes no pass over W
         want_q = want_q and impl != "triton"
         if h.shape[0] == 0:
             m = ls = logp = ent = h.new_zeros(0, dtype=torch.promote_types(h.dtype, torch.float32))
@@ -395,7 +397,8 @@ def _check(hidden, weight, tokens, temperature, mask):
                          f"and {list(weight.shape)}")
     check_int(fn, "tokens", tokens, hidden.shape[:-1])
     if mask is not None and tuple(mask.shape) != tuple(tokens.shape):
-        raise ValueError(f"{fn}: mask must have the shape of tokens {list(tokens.shape)}, got {list(mask.shape)}")
+        raise ValueError(f"{fn}: mask must have the shape of tokens {list(tokens.shape)}, "
+                         f"got {list(mask.shape)}")
     return check_scale(fn, "temperature", temperature)
 
 
@@ -409,9 +412,10 @@ def token_logprobs(hidden, weight, tokens, temperature=1.0, mask=None, return_en
     t = _check(hidden, weight, tokens, temperature, mask)
     c = check_scale("token_logprobs", "softcap", softcap) if softcap else 0.0   # finite and > 0; 0/None: off
     grads = grads_key(hidden, weight)
-    impl = pick_impl(impl, hidden, weight, op="logprob", grads=grads)
+    impl = pick_impl(impl, hidden, weight, op="logprob", grads=grads, entropy=bool(return_entropy))
     if impl == "reference":
-        check_ids("token_logprobs", ("tokens", tokens if mask is None else tokens[mask.bool()], weight.shape[0]))
+        active = tokens if mask is None else tokens[mask.bool()]
+        check_ids("token_logprobs", ("tokens", active, weight.shape[0]))
         return token_logprobs_reference(hidden, weight, tokens, t, mask, return_entropy, c)
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):                      # like nn.Linear under autocast: the head
@@ -430,7 +434,7 @@ def token_logprobs(hidden, weight, tokens, temperature=1.0, mask=None, return_en
         idx = mask.reshape(-1).nonzero().squeeze(1)
         h, y = h.index_select(0, idx), y.index_select(0, idx)
     check_ids("token_logprobs", ("tokens", y, W.shape[0]))
-    logp, ent = _TokenLogprobs.apply(h, W, y.contiguous(), t, impl, grads == "dX" and not return_entropy, c)
+    logp, ent = _TokenLogprobs.apply(h, W, y.contiguous(), t, impl, grads == "dX", c)
     if idx is not None:
         n = shape.numel()
         logp = logp.new_zeros(n).index_copy(0, idx, logp)

@@ -188,4 +188,4 @@ def test_ci_gpu_exit_status(py, rc, tmp_path):
     p = subprocess.run(["bash", os.path.join(ROOT, ".ci", "gpu"), "--dry"], capture_output=True, text=True, env=env)
     assert p.returncode == rc, p.stdout + p.stderr
     res = next(tmp_path.glob("*/dry-gpu-check.md")).read_text()
-    assert res.count("\nexit 0 " if rc == 0 else "\nexit 1 ") == 4
+    assert res.count("\nexit 0 " if rc == 0 else "\nexit 1 ") == 5

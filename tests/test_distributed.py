@@ -174,3 +174,27 @@ def test_sample_next_draws_from_the_tempered_top_k_softmax():
     assert freq[3] == freq[4] == 0
     torch.testing.assert_close(freq[:3], p, atol=0.01, rtol=0)
     torch.testing.assert_close(lp, torch.log_softmax(z / 2.0, -1).gather(1, tok[:, None]).squeeze(1))
+
+
+def test_gradients_are_reduced_in_buckets(monkeypatch):
+    """all_reduce_grads: one collective per ~bucket (not per tensor), every gradient summed exactly once, a
+    parameter with no gradient on any process left without one, one with a gradient elsewhere given zeros."""
+    import common
+    calls = []
+
+    def fake_all_reduce(t, op=None):   # 2 processes holding the same tensors: the sum doubles them
+        calls.append(t.numel())
+        t.mul_(2)
+    monkeypatch.setattr(common, "world", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (7, 300, 5, 1000, 33, 2)]
+    for p in params[:4] + params[5:]:
+        p.grad = torch.randn(p.shape, generator=g)
+    params[4].grad = None                   # no gradient here; elsewhere ("has" is reduced by max: stays 0)
+    want = [None if p.grad is None else p.grad.clone() * 2 for p in params]
+    common.all_reduce_grads(params, bucket_bytes=1200 * 4)
+    assert params[4].grad is None
+    for p, w in zip(params, want):
+        assert w is None or torch.equal(p.grad, w)
+    assert calls[1:] == [7 + 300 + 5, 1000 + 2]   # calls[0]: which parameters have a gradient anywhere

@@ -18,7 +18,8 @@ import backbone
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     ds = fake_dataset(n_items=23, n_samples=5, H=4, seed=7)
-    model, tok = backbone.build_backbone("tiny", ds, TINY, cache_dir=str(tmp_path_factory.mktemp("tok")), verbose=False)
+    cache = str(tmp_path_factory.mktemp("tok"))
+    model, tok = backbone.build_backbone("tiny", ds, TINY, cache_dir=cache, verbose=False)
     return ds, model, tok
 
 

@@ -114,3 +114,24 @@ def test_commands_cover_the_paper_and_evaluate_what_they_train(monkeypatch):
     for out, (dataset, _, data_dir) in trained.items():
         if dataset.startswith("amazon-2023:"):
             assert data_dir == os.path.expanduser("~/amazon"), (out, data_dir)
+
+
+def test_presets_table_lists_every_paper_value_beside_the_reference():
+    """README, *Presets*: a row for every key of PRESETS (both presets), each with an RRec column; and the paper
+    preset resolves to the reference code's optimisation (12 users, constant LR, beta2 0.999, raw-logit log-probs)."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text[text.index("## Presets"):text.index("## The two-stage recipe")]
+    rows = [r for r in section.splitlines() if r.startswith("| ") and not r.startswith("| setting")]
+    assert all(len(r.strip("|").split(" | ")) == 5 for r in rows)   # setting | paper | RRec | cpu | why
+    names = {"lr_schedule": "LR schedule", "adam_beta2": "AdamW β₂", "logp_temperature": "log-prob temperature",
+             "epochs": "3 epochs", "time_budget": "--time-budget", "val_samples": "--val-samples"}
+    for key in set(train.PRESETS["paper"]) | set(train.PRESETS["cpu"]):
+        want = names.get(key, "--" + key.replace("_", "-"))
+        assert want in section, f"README *Presets* has no row for {key} ({want})"
+    cfg = train.resolve_config(["--preset", "paper", "--device", "cpu", "--dataset", "synthetic"])
+    assert (cfg["batch_size"], cfg["micro_batch_size"], cfg["lr_schedule"], cfg["adam_beta2"]) == (12, 4, "constant",
+                                                                                                  0.999)
+    assert cfg["logp_temperature"] == 1.0 and cfg["temperature"] == 2.0 and cfg["gradient_checkpointing"]
+    assert train.lr_at(0, cfg) == train.lr_at(500, cfg) == cfg["lr"]
+    cpu = train.resolve_config(["--preset", "cpu", "--device", "cpu", "--dataset", "synthetic"])
+    assert cpu["logp_temperature"] == cpu["temperature"] and train.lr_at(0, cpu) < cpu["lr"]

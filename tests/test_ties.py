@@ -7,7 +7,10 @@ a catalog of irregular size (1,001, 1,087, 261). Twins on the row's excluded lis
 The truth is computed independently in float64: the dot products are summed by one loop over d, the same
 operations for every (row, item), so twins are bit-identical there; ties counted. Paths compute in fp32,
 where a non-twin item within rounding of the target could legitimately fall either way: the inputs are
-redrawn (next seed) until there is none, and every path's rank must then equal the truth exactly."""
+redrawn (next seed) until there is none, and every path's rank must then equal the truth exactly.
+The Triton path with tf32 operands (catalog.FP32_DOT "tf32", forced on CPU, where the interpreter rounds
+the operands in the kernel): the truth is taken on the operands rounded to tf32 (on CUDA, whose tensor
+cores may truncate instead, the inputs are drawn on the tf32 grid, which every rounding leaves alone)."""
 import pytest
 import torch
 
@@ -79,11 +82,24 @@ def _truth(H, E, t, ex, tau):
     return rank, near.sum(1), exact_ties, (twin & ~allowed).sum(1)
 
 
-def _case(M, N, d, dtype, device, tau, twins, seed):
-    """Inputs and their truth, from the first seed on whose inputs have no non-twin near-tie."""
+def _tf32(x, trunc=False):
+    """x rounded to tf32 (10 mantissa bits): nearest, ties away (the kernel's rounding), or truncated."""
+    b = x.view(torch.int32)
+    return ((b if trunc else b + 0x1000) & -8192).view(torch.float32)
+
+
+def _tf32_path(impl, dtype, device):
+    return impl == "triton" and dtype == torch.float32 and catalog.FP32_DOT[device.type] == "tf32"
+
+
+def _case(M, N, d, dtype, device, tau, twins, seed, tf32=False):
+    """Inputs and their truth, from the first seed on whose inputs have no non-twin near-tie. tf32: the
+    truth of the operands rounded to tf32 (on CUDA the inputs are on the tf32 grid)."""
     for seed in range(seed, seed + 50):
         H, E, t, ex = _inputs(M, N, d, dtype, device, seed, twins)
-        want, near, ties, hidden = _truth(H, E, t, ex, tau)
+        if tf32 and device.type == "cuda":
+            H, E = _tf32(H, trunc=True), _tf32(E, trunc=True)
+        want, near, ties, hidden = _truth(_tf32(H) if tf32 else H, _tf32(E) if tf32 else E, t, ex, tau)
         if not near.any():
             return H, E, t, ex, want, ties, hidden
     raise AssertionError("no inputs without near-ties")
@@ -105,7 +121,8 @@ def _check(got, want):
 def test_twins_tie_with_the_target(impl, dtype, M, N, d, tau, device, monkeypatch):
     _skip_half_chunked_cuda(impl, dtype, device)
     _small_tiles(monkeypatch, M, N, d)
-    H, E, t, ex, want, ties, hidden = _case(M, N, d, dtype, device, tau, twins=True, seed=d)
+    tf32 = _tf32_path(impl, dtype, device)
+    H, E, t, ex, want, ties, hidden = _case(M, N, d, dtype, device, tau, True, d, tf32)
     assert (ties[t.cpu() != ex.cpu()[:, 3]] >= 2).all() and (hidden >= 1).all()   # the test has teeth
     got = catalog_stats(H, E, t, ex, tau=tau, impl=impl)
     _check(got.rank, want)
@@ -119,7 +136,8 @@ def test_twins_tie_with_the_target(impl, dtype, M, N, d, tau, device, monkeypatc
 def test_random_inputs_rank(impl, dtype, M, N, d, tau, device, monkeypatch):
     _skip_half_chunked_cuda(impl, dtype, device)
     _small_tiles(monkeypatch, M, N, d)
-    H, E, t, ex, want, ties, _ = _case(M, N, d, dtype, device, tau, twins=False, seed=100 + d)
+    tf32 = _tf32_path(impl, dtype, device)
+    H, E, t, ex, want, ties, _ = _case(M, N, d, dtype, device, tau, False, 100 + d, tf32)
     assert (ties == 0).all()
     _check(catalog_stats(H, E, t, ex, tau=tau, impl=impl).rank, want)
 
@@ -130,5 +148,28 @@ def test_twins_in_a_gemv_tail(impl, device, monkeypatch):
     # missed the tail twins on 4 of these 6 seeds); several seeds so that some hit it
     _small_tiles(monkeypatch, 1, 263, 33)
     for seed in range(6):
-        H, E, t, ex, want, _, _ = _case(1, 263, 33, torch.float32, device, 1.0, twins=True, seed=seed)
+        H, E, t, ex, want, _, _ = _case(1, 263, 33, torch.float32, device, 1.0, True, seed,
+                                        _tf32_path(impl, torch.float32, device))
         _check(catalog_stats(H, E, t, ex, impl=impl).rank, want)
+
+
+@pytest.mark.parametrize("twins", [True, False])
+@pytest.mark.parametrize("M,N,d,tau", SHAPES)
+def test_tf32_operands_keep_twins_tied(twins, M, N, d, tau, device, monkeypatch):
+    """The tensor-core precision of fp32 catalogs ("tf32": 10-bit operands, fp32 sums), forced here on CPU
+    (CPU's default, ieee, is unchanged): ranks exact against the truth of the rounded operands, twins tied,
+    and the top-k scores and the loss computed at that same precision."""
+    assert catalog.FP32_DOT["cpu"] == "ieee"
+    monkeypatch.setitem(catalog.FP32_DOT, device.type, "tf32")
+    _small_tiles(monkeypatch, M, N, d)
+    H, E, t, ex, want, ties, hidden = _case(M, N, d, torch.float32, device, tau, twins, 200 + d, tf32=True)
+    if twins:
+        assert (ties[t.cpu() != ex.cpu()[:, 3]] >= 2).all() and (hidden >= 1).all()
+    got = catalog_stats(H, E, t, ex, tau=tau, topk=5, impl="triton")
+    _check(got.rank, want)
+    ref = catalog.catalog_stats_reference(_tf32(H).double(), _tf32(E).double(), t, ex, tau, topk=5)
+    torch.testing.assert_close(got.topk_scores.double(), ref.topk_scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.lse.double(), ref.lse, rtol=1e-5, atol=1e-5)
+    loss = catalog.catalog_loss(H, E, t, ex, tau=tau, reduction="none", impl="triton")
+    want_loss = catalog.catalog_loss_reference(_tf32(H).double(), _tf32(E).double(), t, ex, tau, "none")
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
