@@ -146,7 +146,7 @@ class R2ec:
         params = inspect.signature(self.backbone.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"   # renamed in transformers 5.2x
         self._item_ids = {}
-        self._closes = self._item_prefix = self._user_prefix = None   # built on first use
+        self._closes = self._item_prefix = self._user_prefix = self._item_tok = None   # built on first use
         self.item_map = None   # [(raw_id, title)] for ids 1..N when loaded from a checkpoint
         self.table = ItemTable(dataset.num_items, model.config.hidden_size, self.device) if dataset else None
         # Gemma-2 final-logit soft-capping: logits c tanh(h.W / c), in .logits and every token_logprobs call
@@ -210,6 +210,13 @@ class R2ec:
     def chat(self, user_text):
         return self.tok.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
                                             add_generation_prompt=True)
+
+    def item_token_ids(self):
+        """[N + 1] token id of each item's token (item tokens only; 0: padding)."""
+        if self._item_tok is None:
+            names = [ITEM_TOKEN.format(i) for i in range(1, self.dataset.num_items + 1)]
+            self._item_tok = [0] + self.tok.convert_tokens_to_ids(names)
+        return self._item_tok
 
     def item_tag(self, i):
         """The item's token and a space before its title when the tokenizer has item tokens, else ''."""

@@ -10,7 +10,9 @@ Its loss, per step:
   + item_weight x the item head's cross-entropy of h_T (prompt + anchor, no reasoning) against the target,
     over the batch's targets + `negatives` uniform items encoded fresh (or the cached table, full=True)
   + line_weight x the same at the end of every history line of the prompt (target: the next line's item),
-    SASRec's every-position supervision, read off the same forward.
+    SASRec's every-position supervision, read off the same forward
+  + id_weight x next-token NLL of id_batch item-token sequences (history, then target: id_documents), the
+    collaborative signal at SASRec's rate, where titles say little (--item-tokens only).
 
     Stage(...)                       the stage's settings (train.py fills them from its flags)
     lm_documents / lm_loss / stage_forward / item_ce / stage_loss   the documents and losses
@@ -40,6 +42,8 @@ class Stage:
     prompt_weight: float = 1.0    # weight of the prompt's tokens in the NLL (the assistant turn: 1)
     item_weight: float = 0.0      # + w x the item loss w/o reasoning
     line_weight: float = 0.0      # + w x the item loss at each history line's end (needs item_weight)
+    id_weight: float = 0.0        # + w x next-token NLL of item-token sequences (item tokens only)
+    id_batch: int = 128           # their number a step: ~21 tokens each, every one an item prediction
     negatives: int = 128          # uniform items encoded fresh beside the batch's targets
     full: bool = False            # item softmax over the cached table instead (--item-loss full)
     item_refresh: int = 20        # full=True: re-encode the table every N steps
@@ -144,17 +148,29 @@ def item_ce(r, prompts, targets, negatives, exclude=None, lines=None, h=None):
     return loss, cand, e.detach()
 
 
+def id_documents(r, split, idx):
+    """Item-token sequences of samples idx: the history's item tokens, then the target's. Every token of one
+    is an item prediction over the whole vocabulary (SASRec's every-position objective, through the LM head),
+    for a tenth of a text document's tokens."""
+    tok = r.item_token_ids()
+    return [[tok[i] for i in split.hist[j] if i] + [tok[split.target[j]]] for j in idx]
+
+
 def stage_loss(r, split, st, s):
     """The stage's loss on its step-s batch of `split` (the TRAIN split); under torchrun this process's
     share. -> (loss, lm loss, item loss or None)."""
     B, n_items = st.batch_size, r.dataset.num_items
+    id_nll = 0.0   # + the item-token sequences' NLL
+    if st.id_weight and r.item_tokens:
+        j = train_indices(s, st.id_batch, len(split), st.seed + 104729)[rank_slice(st.id_batch)]
+        id_nll = st.id_weight * lm_loss(r, id_documents(r, split, j))
     w_line = st.line_weight if st.item_weight else 0.0
     idx = train_indices(s, B, len(split), st.seed + 7919)[rank_slice(B)]
     # ends: [] | [e]
     docs, plen, *ends = lm_documents(r, split, idx, st.prompt_history, line_ends=bool(w_line))
     if not st.item_weight:
         lm = lm_loss(r, docs, plen, prompt_weight=st.prompt_weight)
-        return lm, lm, None
+        return lm + id_nll, lm, None
     # the w/o-reasoning h_T from the same pass (the prompt once, then the turn and the bare anchor)
     lm, h, h_T = stage_forward(r, docs, plen, st.prompt_weight)
     off = h.shape[1] - torch.as_tensor(plen)                                            # left-padded prompts
@@ -173,7 +189,7 @@ def stage_loss(r, split, st, s):
     item, ids, emb = item_ce(r, prompts, targets, torch.from_numpy(neg + 1), exclude, lines, h_T)
     if st.full:
         r.table.update(all_gather(ids.to(emb.device)), all_gather(emb))   # the next steps see the new values
-    return lm + st.item_weight * item, lm, item
+    return lm + id_nll + st.item_weight * item, lm, item
 
 
 def lm_stage(r, params, split, st, seconds=0.0, log=None):

@@ -42,7 +42,7 @@ PRESETS = {
                 pretrain_steps=2000, temperature=1.0, kl_beta=0.1, pretrain_item_weight=1.0,
                 item_weighting="uniform", relabel_topk=0, cut_penalty=0.1, greedy_chain=True,
                 pretrain_prompt_weight=0.25, pretrain_line_weight=1.0, item_tokens=True, num_generations=2,
-                lr_schedule="cosine", adam_beta2=0.99, logp_temperature=None),
+                lr_schedule="cosine", adam_beta2=0.99, logp_temperature=None, pretrain_id_weight=1.0),
 }
 EVALS_PER_EPOCH = 8    # --preset paper without --max-steps: `epochs` epochs, evaluated 8 times each (RRec)
 LR = {"tiny": 2e-3, "hf": 1e-5}   # --lr default by backbone [paper: 1e-5]
@@ -94,6 +94,8 @@ def get_parser():
     g("--pretrain-item-weight", type=F0, default=0.0, help="+ w x item loss w/o reasoning [cpu: 1]")
     g("--pretrain-line-weight", type=F0, default=0.0, help="+ w x item loss at each history line [cpu: 1]")
     g("--pretrain-prompt-weight", type=F0, default=1.0, help="prompt tokens' weight (reply: 1) [cpu: 0.25]")
+    g("--pretrain-id-weight", type=F0, default=0.0, help="+ w x NLL of item-token sequences (--item-tokens) "
+      "[cpu: 1]")
     g = p.add_argument_group("rollouts").add_argument
     g("--num-generations", type=I, default=4, help="reasoning chains per user, G >= 2 [paper: 4; cpu: 2]")
     g("--temperature", type=F, help="sampling temperature [paper: 2.0; cpu: 1.0]")
@@ -221,6 +223,7 @@ def stage_of(cfg):
         steps=cfg["pretrain_steps"], lr=cfg["pretrain_lr"], batch_size=cfg["batch_size"],
         prompt_history=cfg["prompt_history"], prompt_weight=cfg["pretrain_prompt_weight"],
         item_weight=cfg["pretrain_item_weight"], line_weight=cfg["pretrain_line_weight"],
+        id_weight=cfg["pretrain_id_weight"],
         negatives=cfg["item_negatives"], full=cfg["item_loss"] == "full", item_refresh=cfg["item_refresh"],
         item_batch_size=cfg["eval_batch_size"], seed=cfg["seed"])
 

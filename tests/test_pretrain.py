@@ -1,6 +1,7 @@
 """The LM stage before RecPO (pretrain.lm_stage, train.py --pretrain-steps): what its corpus holds (train split only:
 no valid or test target leaks in), that it learns, and that train.py runs, records and skips it."""
 import csv
+import dataclasses
 import json
 import os
 
@@ -64,6 +65,12 @@ def test_lm_corpus_has_no_valid_or_test_target(tmp_path, monkeypatch):
     k = len(ds.train) - 1
     assert docs[k][:plens[k]] == r.split_prompt_ids(ds.train, [k], cfg["prompt_history"])[0]
     assert r.tok.decode(docs[k][plens[k]:]) == pretrain.next_item_text(r, ds.train.target[k]) + common.ANCHOR
+    # --pretrain-id-weight's item-token sequences: train histories and targets only, in order
+    ids, tok = pretrain.id_documents(r, ds.train, np.arange(len(ds.train))), r.item_token_ids()
+    assert not {t for d in ids for t in d} & {tok[i] for i in held} and len({t for d in ids for t in d}) >= 15
+    assert ids[k] == [tok[i] for i in ds.train.hist[k] if i] + [tok[ds.train.target[k]]]
+    names = [common.ITEM_TOKEN.format(i) for i in ds.train.hist[k] if i] + [common.ITEM_TOKEN.format(ds.train.target[k])]
+    assert r.tok.decode(ids[k]) == "".join(names)
 
 
 def test_lm_loss_weights_the_prompt_tokens(tmp_path):
@@ -315,3 +322,32 @@ def test_item_tokens_name_each_item_by_one_token(tmp_path):
     assert T.get_parser().parse_saved(saved, "run_config.json")["item_tokens"] is False
     with pytest.raises(common.ModelError, match="--item-tokens: only the tiny backbone"):
         T.resolve_config(SMALL + ["--init-from", str(hf), "--item-tokens"])
+
+
+def test_item_token_sequences_add_their_nll_and_teach_the_next_item():
+    """--pretrain-id-weight: the stage's loss is its text loss + w x the NLL of the step's item-token sequences
+    (the same draw for the same step), and training on them lowers that NLL on held-back train samples."""
+    ds = data.load_dataset("synthetic:150x80", history=8, verbose=False)
+    cfg = T.resolve_config(SMALL + ["--item-tokens"])
+    r, params, _ = T.build(cfg, ds, verbose=False)
+    st = T.stage_of(cfg)
+    assert st.id_weight == 1.0   # the cpu preset's
+    torch.manual_seed(0)
+    base, _, _ = pretrain.stage_loss(r, ds.train, dataclasses.replace(st, id_weight=0.0), 3)
+    torch.manual_seed(0)
+    both, _, _ = pretrain.stage_loss(r, ds.train, dataclasses.replace(st, id_weight=0.5), 3)
+    j = data.train_indices(3, st.id_batch, len(ds.train), st.seed + 104729)
+    want = 0.5 * pretrain.lm_loss(r, pretrain.id_documents(r, ds.train, j))
+    assert torch.allclose(both - base, want, rtol=1e-4) and want > 0
+    held = pretrain.id_documents(r, ds.train, np.arange(len(ds.train))[-64:])
+    with torch.no_grad():
+        before = pretrain.lm_loss(r, held).item()
+    opt, r.impl = torch.optim.AdamW(params, lr=1e-2), "torch"   # the interpreter's kernels: ~2 s a step
+    for s in range(30):   # the sequences' loss alone (the stage adds it to the text loss, as checked above)
+        j = data.train_indices(s, st.id_batch, len(ds.train) - 64, st.seed + 104729)
+        pretrain.lm_loss(r, pretrain.id_documents(r, ds.train, j)).backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        after = pretrain.lm_loss(r, held).item()
+    assert after < before - 1.0, (before, after)
