@@ -94,8 +94,6 @@ def get_parser():
     g("--pretrain-item-weight", type=F0, default=0.0, help="+ w x item loss w/o reasoning [cpu: 1]")
     g("--pretrain-line-weight", type=F0, default=0.0, help="+ w x item loss at each history line [cpu: 1]")
     g("--pretrain-prompt-weight", type=F0, default=1.0, help="prompt tokens' weight (reply: 1) [cpu: 0.25]")
-    g("--pretrain-id-weight", type=F0, default=0.0, help="+ w x NLL of item-token sequences (--item-tokens) "
-      "[cpu: 1]")
     g = p.add_argument_group("rollouts").add_argument
     g("--num-generations", type=I, default=4, help="reasoning chains per user, G >= 2 [paper: 4; cpu: 2]")
     g("--temperature", type=F, help="sampling temperature [paper: 2.0; cpu: 1.0]")
@@ -223,7 +221,7 @@ def stage_of(cfg):
         steps=cfg["pretrain_steps"], lr=cfg["pretrain_lr"], batch_size=cfg["batch_size"],
         prompt_history=cfg["prompt_history"], prompt_weight=cfg["pretrain_prompt_weight"],
         item_weight=cfg["pretrain_item_weight"], line_weight=cfg["pretrain_line_weight"],
-        id_weight=cfg["pretrain_id_weight"],
+        id_weight=cfg.get("pretrain_id_weight", 0.0),   # a PRESETS value (cpu: 1), no flag
         negatives=cfg["item_negatives"], full=cfg["item_loss"] == "full", item_refresh=cfg["item_refresh"],
         item_batch_size=cfg["eval_batch_size"], seed=cfg["seed"])
 

@@ -65,7 +65,7 @@ def test_lm_corpus_has_no_valid_or_test_target(tmp_path, monkeypatch):
     k = len(ds.train) - 1
     assert docs[k][:plens[k]] == r.split_prompt_ids(ds.train, [k], cfg["prompt_history"])[0]
     assert r.tok.decode(docs[k][plens[k]:]) == pretrain.next_item_text(r, ds.train.target[k]) + common.ANCHOR
-    # --pretrain-id-weight's item-token sequences: train histories and targets only, in order
+    # the item-token sequences' (pretrain_id_weight): train histories and targets only, in order
     ids, tok = pretrain.id_documents(r, ds.train, np.arange(len(ds.train))), r.item_token_ids()
     assert not {t for d in ids for t in d} & {tok[i] for i in held} and len({t for d in ids for t in d}) >= 15
     assert ids[k] == [tok[i] for i in ds.train.hist[k] if i] + [tok[ds.train.target[k]]]
@@ -325,7 +325,7 @@ def test_item_tokens_name_each_item_by_one_token(tmp_path):
 
 
 def test_item_token_sequences_add_their_nll_and_teach_the_next_item():
-    """--pretrain-id-weight: the stage's loss is its text loss + w x the NLL of the step's item-token sequences
+    """pretrain_id_weight (PRESETS): the stage's loss is its text loss + w x the NLL of the step's item-token sequences
     (the same draw for the same step), and training on them lowers that NLL on held-back train samples."""
     ds = data.load_dataset("synthetic:150x80", history=8, verbose=False)
     cfg = T.resolve_config(SMALL + ["--item-tokens"])

@@ -124,7 +124,8 @@ def test_presets_table_lists_every_paper_value_beside_the_reference():
     rows = [r for r in section.splitlines() if r.startswith("| ") and not r.startswith("| setting")]
     assert all(len(r.strip("|").split(" | ")) == 5 for r in rows)   # setting | paper | RRec | cpu | why
     names = {"lr_schedule": "LR schedule", "adam_beta2": "AdamW β₂", "logp_temperature": "log-prob temperature",
-             "epochs": "3 epochs", "time_budget": "--time-budget", "val_samples": "--val-samples"}
+             "epochs": "3 epochs", "time_budget": "--time-budget", "val_samples": "--val-samples",
+             "pretrain_id_weight": "item-token sequences (`PRESETS`)"}
     for key in set(train.PRESETS["paper"]) | set(train.PRESETS["cpu"]):
         want = names.get(key, "--" + key.replace("_", "-"))
         assert want in section, f"README *Presets* has no row for {key} ({want})"
