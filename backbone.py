@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import ANCHOR, ITEM_TOKEN, ModelError, format_dt, fsync_tree, user_instruction, warn_once
+from common import (ANCHOR, ITEM_TOKEN, KNOWLEDGE_FACT, ModelError, format_dt, fsync_tree, user_instruction,
+                    warn_once)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",   # Llama, Qwen2, Gemma
                 "qkv_proj", "gate_up_proj")                                                  # Phi-3
@@ -62,6 +63,9 @@ def _tokenizer_corpus(dataset):
     for item in dataset.items[1:]:
         texts.append(item.get("title") or "")
         texts.append(" ".join((item.get("description") or "").split()[:100]))
+    rel = dataset.relation   # the knowledge corpus's sentences (synthetic-knowledge), if any
+    texts += [KNOWLEDGE_FACT.format(a=dataset.items[a]["title"], b=dataset.items[b]["title"])
+              for a, b in enumerate(rel) if b]
     return [t for t in texts if t]
 
 

@@ -184,7 +184,8 @@ def run(args):
     common.check_out_dir(args.out_dir, "--out-dir")   # refused now, not after training
     if device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
-    dataset = data.load_dataset(args.dataset, data_dir=args.data_dir, history=args.history)
+    dataset = data.load_for_run({"dataset": args.dataset, "history": args.history, "seed": args.seed},
+                                args.data_dir)   # a synthetic-knowledge world: the one of --seed
     model, log = train_sasrec(dataset, d=args.dim, n_blocks=args.blocks, n_heads=args.heads,
                               dropout=args.dropout, lr=args.lr, weight_decay=args.weight_decay,
                               batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
@@ -210,7 +211,7 @@ def run(args):
     return results
 
 
-def main(argv=None):
+def get_parser():
     p = common.CLIParser(description="Popularity and SASRec baselines under the eval.py protocol.")
     # data
     p.add_argument("--dataset", default="ml-100k", help="dataset name, as for data.py (ml-100k, synthetic, ...)")
@@ -235,6 +236,11 @@ def main(argv=None):
                    help="catalog ranking path for evaluation (kernels/catalog.py); all give the same ranks")
     p.add_argument("--seed", type=common.nonneg_int, default=0, help="random seed")
     p.add_argument("--out-dir", default="out/baselines", help="where the json table goes")
+    return p
+
+
+def main(argv=None):
+    p = get_parser()
     args = p.parse_args(argv)
     if args.dim % args.heads:
         p.error(f"--heads {args.heads} must divide --dim {args.dim}")

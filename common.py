@@ -339,6 +339,7 @@ def warn_once(key, msg):
 
 # ----------------------------------------------------------------------------- the prompt template's words
 ANCHOR = "<answer>"
+KNOWLEDGE_FACT = "{a} is followed by {b}."   # a knowledge corpus sentence (data.Dataset.relation)
 ITEM_TOKEN = "<|i{}|>"   # the tiny backbone's one token per item (--item-tokens): written before its title
 
 def format_dt(seconds):

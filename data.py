@@ -17,6 +17,8 @@ Timestamps are int64 unix seconds everywhere.
 
 Formats (`--dataset`; one FORMATS entry each, picked by the longest name prefix; details in README.md):
 - `synthetic[:<users>x<items>]` (`synthetic` = synthetic:600x400; `--seed`): planted data, see _synthetic.
+- `synthetic-knowledge:<users>x<items>[:no-corpus]` (`--seed`; train.py's too): the knowledge world, see
+  _knowledge; its items' `followed_by` is the LM stage's corpus (Dataset.relation); :no-corpus drops it.
 - `ml-100k`, `ml-1m`, `ml-latest-small`, ...: `--data-dir DIR` holding MovieLens `u.data` + `u.item`,
   `ratings.dat` + `movies.dat`, `ratings.csv` + `movies.csv`, or RecBole's `<name>.inter` + `<name>.item`
   (see _movielens). Else ml-100k from an installed `recbole` (`pip install --no-deps recbole==1.2.1`), else
@@ -40,14 +42,14 @@ input files (path, size, blake2b of the bytes: an edit that keeps size and mtime
 fsynced to `<key>.tmp<PID>`, then renamed. An unreadable cache is rebuilt (one notice line); leftovers of
 killed builds and downloads are removed.
 """
-import calendar, contextlib, csv, datetime, gzip, hashlib, html, importlib.util, json, math, os
+import calendar, contextlib, csv, datetime, functools, gzip, hashlib, html, importlib.util, json, math, os
 import re, shutil, sys, time, zipfile, zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from common import (CLIParser, UserError, fsync_dir, fsync_tree, is_main, main_first, nonneg_int, pos_int,
-                    run_cli)
+from common import (KNOWLEDGE_FACT, CLIParser, UserError, fsync_dir, fsync_tree, is_main, main_first,
+                    nonneg_int, pos_int, run_cli)
 
 PROTOCOL_VERSION = 1  # bump when samples, filters or the synthetic generator change
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -116,6 +118,13 @@ class Dataset:
     @property
     def titles(self):
         return [""] + [it["title"] for it in self.items[1:]]
+
+    @functools.cached_property
+    def relation(self):
+        """[N + 1] the item each item is followed by, as its metadata states it (`followed_by`, a raw id: the
+        knowledge corpus of synthetic-knowledge), 0: none or not in the catalog. All 0: the data has none."""
+        ids = {it["raw_id"]: i for i, it in enumerate(self.items[1:], 1)}
+        return np.array([0] + [ids.get(it.get("followed_by"), 0) for it in self.items[1:]], np.int64)
 
     def train_counts(self):
         return np.bincount(self.train.target, minlength=self.num_items + 1).astype(np.int64)
@@ -569,11 +578,79 @@ def _synthetic(num_users=600, num_items=400, seed=0):
     raw.meta = {k: v for k, v in meta.items() if k in used}
     return raw
 
+KNOWLEDGE_MAX = (100_000, 20_000)   # synthetic-knowledge: most users, items (a draw scans the catalog)
+
+def _knowledge_files(name, rest, data_dir, kw):
+    """FORMATS "synthetic-knowledge:": `<users>x<items>[:no-corpus]`, seed= (train.py: its --seed)."""
+    m = re.fullmatch(r"([1-9]\d*)x([1-9]\d*)(:no-corpus)?", rest)
+    if not m or int(m[1]) > KNOWLEDGE_MAX[0] or not SYNTH_MIN_ITEMS <= int(m[2]) <= KNOWLEDGE_MAX[1]:
+        raise DataError(f"dataset {name!r}: expected synthetic-knowledge:<users>x<items>[:no-corpus], users "
+                        f"in [1, {KNOWLEDGE_MAX[0]:,}], items in [{SYNTH_MIN_ITEMS}, {KNOWLEDGE_MAX[1]:,}] "
+                        f"(e.g. synthetic-knowledge:600x400)")
+    seed = 0 if kw.get("seed") is None else kw["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise DataError(f"synthetic-knowledge: seed {seed!r} must be an integer >= 0")
+    p = {"num_users": int(m[1]), "num_items": int(m[2]), "seed": int(seed), "corpus": not m[3]}
+    return f"synthetic-knowledge-u{m[1]}-i{m[2]}-s{seed}" + "-nocorpus" * bool(m[3]), [], p
+
+def _knowledge(num_users=600, num_items=400, seed=0, corpus=True):
+    """The planted-knowledge world (README, *The knowledge world*): what an LM could know about the items that
+    the interactions mostly do not show. Items come out over two years, each with a genre, a popularity and
+    a hidden relation: it is followed by an older item (released 30 to 365 days before it). A user's next
+    item is the last one's successor w.p. 0.5 (never twice in a row), else a draw from their two genres
+    (0.8) or any, weighted by popularity x (w.p. 0.8) recency (an e-fold per 15 days from release). Late
+    samples follow the relation from NEW items, so most valid/test pairs never occur in train (stats print
+    it). The corpus (items' `followed_by`) states every pair; corpus=False: the same world without it.
+    Items are a function of (num_items, seed) only; users come from their own stream."""
+    rng = np.random.default_rng([seed, 77, 0])
+    N, G, span = num_items, len(GENRES), 720   # days
+    release = np.sort(rng.uniform(-20, span + 10, N))
+    lo, hi = np.searchsorted(release, release - 365), np.searchsorted(release, release - 30)
+    succ = np.array([rng.integers(a, b) if b > a else (i + 1 + rng.integers(N - 1)) % N   # the first: any
+                     for i, (a, b) in enumerate(zip(lo, hi))])
+    genre = rng.integers(0, G, N)
+    pop = rng.permutation(1.0 / np.arange(1, N + 1) ** 0.8)
+    quality = np.clip(rng.normal(3.5, 0.5, N), 1.5, 4.8)
+    combos, meta = rng.permutation(len(ADJ) * len(NOUN)), {}
+    for i in range(N):
+        a, b = divmod(int(combos[i % len(combos)]), len(NOUN))
+        part = f" {i // len(combos) + 1}" if i >= len(combos) else ""
+        meta[str(i + 1)] = _item(str(i + 1), f"{ADJ[a]} {NOUN[b]}{part} ({2000 + int(release[i] // 365)})",
+                                 f"A {GENRES[genre[i]]} film.")
+        if corpus:
+            meta[str(i + 1)]["followed_by"] = str(succ[i] + 1)
+    rng = np.random.default_rng([seed, 77, 1])
+    us, its, rs, ts = [], [], [], []
+    for u in range(num_users):
+        likes = rng.choice(G, 2, replace=False)
+        taste = pop * np.where(np.isin(genre, likes), 0.8 / 2, 0.2 / (G - 2))
+        t, seen, hop = float(rng.uniform(0, span)), [], False
+        for k in range(int(rng.integers(8, 21))):
+            if k and not hop and rng.random() < 0.5 and succ[seen[-1]] not in seen:
+                nxt, hop = int(succ[seen[-1]]), True
+            else:
+                fresh = np.exp(-np.abs(t - release) / 15.0) if rng.random() < 0.8 else 1.0
+                w = taste * fresh * (release <= t + 3)
+                w[seen] = 0
+                nxt, hop = int(rng.choice(N, p=w / w.sum())) if w.sum() > 0 else int(rng.integers(N)), False
+            seen.append(nxt)
+            liked = genre[nxt] in likes
+            rs.append(float(np.clip(round(quality[nxt] + 0.7 * liked + rng.normal(0, 0.6)), 1, 5)))
+            us.append(str(u + 1)); its.append(str(nxt + 1))
+            ts.append(946684800 + int(t * 86400))   # from 2000-01-01
+            t += 0.01 + rng.exponential(1.5)
+    raw = Raw("synthetic-knowledge", "synthetic-knowledge")
+    raw.users, raw.items, raw.ratings, raw.times = us, its, rs, ts
+    raw.meta = {k: v for k, v in meta.items() if k in set(its)}
+    return raw
+
 # Dataset formats: name prefix (the longest match; one ending in ':' needs more) -> (choices named in errors,
 # files, parse): files(name, rest of the name, data_dir, kw) -> (cache slug, input files, parameters or None),
 # parse(files, parameters, verbose) -> Raw. A new format is one entry, its files function and its parser.
 FORMATS = {
     "synthetic": ("synthetic", _synthetic_files, lambda files, p, verbose: _synthetic(**p)),
+    "synthetic-knowledge:": ("synthetic-knowledge:<users>x<items>", _knowledge_files,
+                             lambda files, p, verbose: _knowledge(**p)),
     "ml-": ("ml-100k, ml-1m", _movielens_files, lambda files, p, verbose: _movielens(*files)),
     "amazon-2023:": ("amazon-2023:<Category>", _amazon_files, lambda files, p, v: _amazon(*files, v)),
     "csv:": ("csv:<dir>", _csv_files, lambda files, p, verbose: _csv(*files)),
@@ -653,7 +730,25 @@ def _build(raw, H, split):
              "time_span": [time.strftime("%Y-%m-%d", time.gmtime(int(x))) for x in (t.min(), t.max())],
              "title_words_mean": float(words.mean()), "title_words_max": int(words.max()),
              "with_description": sum(1 for x in items[1:] if x["description"]), "filters": raw.filters}
+    if any("followed_by" in x for x in items[1:]):
+        stats["knowledge"] = _knowledge_stats(items, splits)
     return len(user_ids), items, splits, stats
+
+def _knowledge_stats(items, splits):
+    """How much of the corpus's relation the interactions show: the valid/test targets that follow it from
+    their last history item, and the share of those (last item, target) pairs no train sample shows."""
+    ids = {it["raw_id"]: i for i, it in enumerate(items[1:], 1)}
+    rel = np.array([0] + [ids.get(it.get("followed_by"), 0) for it in items[1:]], np.int64)
+    tr = splits["train"]
+    seen = set(zip(tr.hist[:, -1].tolist(), tr.target.tolist()))   # left-padded: the newest is the last
+    out = {"facts": int((rel > 0).sum())}
+    for name, parts in (("valid", ["valid"]), ("test", ["test"]), ("valid+test", ["valid", "test"])):
+        last = np.concatenate([splits[p].hist[:, -1] for p in parts])
+        target = np.concatenate([splits[p].target for p in parts])
+        hit = rel[last] == target
+        new = [(a, b) not in seen for a, b in zip(last[hit].tolist(), target[hit].tolist())]
+        out[name] = {"follow_pct": 100 * float(hit.mean()), "unseen_pct": 100 * float(np.mean(new or [0]))}
+    return out
 
 # ----------------------------------------------------------------------------- cache + entry point
 def _resolve(name, data_dir, kw, verbose):
@@ -766,6 +861,8 @@ def load_dataset(name, data_dir=None, history=20, rebuild=False, verbose=True, s
         raise DataError(f"--split {split}: choose temporal or loo")
     history = int(history)
     key_name, slug, files, params, parse = _resolve(str(name), data_dir, kw, verbose)
+    if key_name == "synthetic-knowledge:":   # its seed is part of the world, so of its name (and baselines')
+        name = f"{name} seed={params['seed']}"
     proto = {"version": PROTOCOL_VERSION, "name": key_name, "history": history, "split": split,
              "amazon_window": list(AMAZON_WINDOW), "amazon_min_items": AMAZON_MIN_ITEMS}
     inputs = [proto, params, [_fingerprint(f) for f in files]]  # each input file's bytes hashed once
@@ -810,8 +907,9 @@ def load_for_run(cfg, data_dir=None, verbose=True):
     name = cfg["dataset"]
     if name == "synthetic" and {"synthetic_users", "synthetic_items"} & set(cfg):  # sizes as keys
         name = f"synthetic:{cfg.get('synthetic_users', 600)}x{cfg.get('synthetic_items', 400)}"
+    kw = {"seed": cfg.get("seed", 0)} if name.startswith("synthetic-knowledge:") else {}   # a world per seed
     return main_first(load_dataset, name, data_dir=data_dir or cfg.get("data_dir"), history=cfg["history"],
-                      verbose=verbose and is_main())
+                      verbose=verbose and is_main(), **kw)
 
 def format_stats(ds):
     s, p, n = ds.stats, ds.stats.get("protocol", {}), ds.stats["samples"]
@@ -827,6 +925,12 @@ def format_stats(ds):
               f"({s['target_in_history_pct']:.2f}%)",
               f"titles: {s['title_words_mean']:.1f} words mean, {s['title_words_max']} max | "
               f"with description {s['with_description']:,} | domain {ds.domain}"]
+    if "knowledge" in s:
+        k = s["knowledge"]
+        lines.append(f"knowledge corpus: {k['facts']:,} facts ({KNOWLEDGE_FACT!r}) | valid+test targets that "
+                     f"follow it from the last history item: {k['valid+test']['follow_pct']:.1f}%, "
+                     f"{k['valid+test']['unseen_pct']:.1f}% of those pairs never consecutive in train "
+                     f"(valid {k['valid']['unseen_pct']:.1f}%, test {k['test']['unseen_pct']:.1f}%)")
     return "\n".join(lines)
 
 def main(argv=None):

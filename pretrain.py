@@ -4,7 +4,10 @@ starts RecPO from a pretrained LM, §4); our tiny backbone has read nothing, so 
 split, never valid or test. This file owns the stage: its documents, its losses and its loop.
 
 A document is the R²ec user prompt of a train sample (§3.1), then the assistant turn
-'<next item text> <answer>': the reasoning the stage teaches names the next item's genres and title.
+'<next item text> <answer>': the reasoning the stage teaches names the next item's genres and title. A dataset
+with a knowledge corpus (data.Dataset.relation: synthetic-knowledge) instead teaches the turn
+'<what the corpus says of the last item> <answer>' on the samples where that does not name the target, and the
+corpus itself is read as text every step (corpus_batch sentences).
 Its loss, per step:
     next-token NLL (prompt tokens weighted prompt_weight, the turn 1)
   + item_weight x the item head's cross-entropy of h_T (prompt + anchor, no reasoning) against the target,
@@ -12,10 +15,12 @@ Its loss, per step:
   + line_weight x the same at the end of every history line of the prompt (target: the next line's item),
     SASRec's every-position supervision, read off the same forward
   + id_weight x next-token NLL of id_batch item-token sequences (history, then target: id_documents), the
-    collaborative signal at SASRec's rate, where titles say little (--item-tokens only).
+    collaborative signal at SASRec's rate, where titles say little (--item-tokens only)
+  + next-token NLL of corpus_batch knowledge corpus sentences (at most all of them), when the data has one.
 
     Stage(...)                       the stage's settings (train.py fills them from its flags)
     lm_documents / lm_loss / stage_forward / item_ce / stage_loss   the documents and losses
+    corpus_documents / recall_text / knowledge                      a knowledge corpus and its taught chain
     lm_stage(r, params, split, stage, seconds, log) -> {steps, loss, seconds[, item_loss]}   the loop
 """
 import math
@@ -27,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import all_gather, all_reduce_grads, autocast, fit_threads, rank_slice, show_progress
+from common import (KNOWLEDGE_FACT, all_gather, all_reduce_grads, autocast, fit_threads, rank_slice,
+                    show_progress)
 from data import train_indices
 from kernels.catalog import catalog_loss
 from kernels.logprobs import token_logprobs
@@ -44,6 +50,7 @@ class Stage:
     line_weight: float = 0.0      # + w x the item loss at each history line's end (needs item_weight)
     id_weight: float = 0.0        # + w x next-token NLL of item-token sequences (item tokens only)
     id_batch: int = 128           # their number a step: ~21 tokens each, every one an item prediction
+    corpus_batch: int = 512       # knowledge corpus sentences a step, at most all (synthetic-knowledge)
     negatives: int = 128          # uniform items encoded fresh beside the batch's targets
     full: bool = False            # item softmax over the cached table instead (--item-loss full)
     item_refresh: int = 20        # full=True: re-encode the table every N steps
@@ -60,13 +67,60 @@ def next_item_text(r, item_id):
     return f"{desc}Next: {r.item_tag(item_id)}{it['title'].strip()}"
 
 
+RECALL = 1   # a knowledge dataset's taught chain: the facts of the prompt's RECALL newest items
+
+
+def fact_text(r, a, b):
+    """The corpus sentence 'A is followed by B.' as the model reads and writes it (item tokens, titles)."""
+    t = r.dataset.items
+    return KNOWLEDGE_FACT.format(a=r.item_tag(a) + t[a]["title"], b=r.item_tag(b) + t[b]["title"])
+
+
+def corpus_documents(r):
+    """The knowledge corpus (data.Dataset.relation): one sentence per item that has a fact, as token lists.
+    A function of the items only; [] when the data has none."""
+    return r.encode_text([fact_text(r, a, b) for a, b in enumerate(r.dataset.relation) if b])
+
+
+def recalled(rel, hist):
+    """The history row's RECALL newest items that have a fact (newest first)."""
+    return [int(i) for i in hist[::-1] if i and rel[i]][:RECALL]
+
+
+def recall_text(r, hist):
+    """A knowledge dataset's taught chain for a history row: what the corpus says of its newest item, in the
+    corpus's own words ('Your last movie is followed by <B>.'): where B is written, the newest item token is
+    the last history line's, as A's is in the corpus sentence, so the recall is the lookup the corpus trained
+    (copying A's token first would be a skill a new item's token has never practised). A generic habit, like
+    a pretrained LM describing what it knows; it never reads the target."""
+    rel, t = r.dataset.relation, r.dataset.items
+    last = f"Your last {r.dataset.domain['item']}"
+    return " ".join(KNOWLEDGE_FACT.format(a=last, b=r.item_tag(rel[a]) + t[rel[a]]["title"])
+                    for a in recalled(rel, hist))
+
+
+def knowledge(r, split, n_hist=None):
+    """-> (the corpus's token lists, the train samples the recall chain is taught on: those whose chain does
+    not name their own target, so the stage never writes it; RecPO learns whether the facts predict it).
+    No corpus: ([], None), and every sample is taught the next-item turn."""
+    rel = r.dataset.relation
+    if not rel.any():
+        return [], None
+    h = slice(-int(n_hist) if n_hist else None, None)
+    named = [split.target[j] in rel[recalled(rel, split.hist[j][h])] for j in range(len(split))]
+    return corpus_documents(r), np.flatnonzero(~np.array(named, bool))
+
+
 def lm_documents(r, split, idx, n_hist=None, line_ends=False):
     """Documents of samples idx of a split (the TRAIN split only): the user prompt of the history, then the
-    assistant turn '<next item text> <answer>'. -> (token lists, prompt lengths), + the prompts' line ends
-    (R2ec.user_prompt_ids) with line_ends=True."""
+    assistant turn '<next item text> <answer>', or with a knowledge corpus '<recall_text> <answer>'.
+    -> (token lists, prompt lengths), + the prompts' line ends (R2ec.user_prompt_ids) with line_ends=True."""
     got = r.split_prompt_ids(split, idx, n_hist, line_ends)
     prompts, ends = got if line_ends else (got, None)
-    conts = r.encode_text([next_item_text(r, split.target[i]) for i in idx])
+    h = slice(-int(n_hist) if n_hist else None, None)
+    turn = ((lambda i: recall_text(r, split.hist[i][h])) if r.dataset.relation.any() else
+            (lambda i: next_item_text(r, split.target[i])))
+    conts = r.encode_text([turn(i) for i in idx])
     docs = [p + c + list(r.anchor_ids) for p, c in zip(prompts, conts)]
     lens = [len(p) for p in prompts]
     return (docs, lens, ends) if line_ends else (docs, lens)
@@ -156,16 +210,23 @@ def id_documents(r, split, idx):
     return [[tok[i] for i in split.hist[j] if i] + [tok[split.target[j]]] for j in idx]
 
 
-def stage_loss(r, split, st, s):
+def stage_loss(r, split, st, s, corpus=None):
     """The stage's loss on its step-s batch of `split` (the TRAIN split); under torchrun this process's
-    share. -> (loss, lm loss, item loss or None)."""
+    share. corpus: knowledge(r, split, st.prompt_history), computed once by the caller (None: here).
+    -> (loss, lm loss, item loss or None)."""
     B, n_items = st.batch_size, r.dataset.num_items
     id_nll = 0.0   # + the item-token sequences' NLL
     if st.id_weight and r.item_tokens:
         j = train_indices(s, st.id_batch, len(split), st.seed + 104729)[rank_slice(st.id_batch)]
         id_nll = st.id_weight * lm_loss(r, id_documents(r, split, j))
+    corpus = corpus or knowledge(r, split, st.prompt_history)
+    if corpus[0] and st.corpus_batch:   # the knowledge corpus, read as pretraining text
+        n = min(st.corpus_batch, len(corpus[0]))
+        j = train_indices(s, n, len(corpus[0]), st.seed + 15485863)[rank_slice(n)]
+        id_nll = id_nll + lm_loss(r, [corpus[0][k] for k in j])
     w_line = st.line_weight if st.item_weight else 0.0
-    idx = train_indices(s, B, len(split), st.seed + 7919)[rank_slice(B)]
+    pool = np.arange(len(split)) if corpus[1] is None else corpus[1]
+    idx = pool[train_indices(s, B, len(pool), st.seed + 7919)[rank_slice(B)]]
     # ends: [] | [e]
     docs, plen, *ends = lm_documents(r, split, idx, st.prompt_history, line_ends=bool(w_line))
     if not st.item_weight:
@@ -199,6 +260,7 @@ def lm_stage(r, params, split, st, seconds=0.0, log=None):
     -> {steps, loss (mean of the last 20 steps), seconds[, item_loss]}."""
     opt = torch.optim.AdamW(params, lr=st.lr, betas=(0.9, 0.99), weight_decay=0.0)
     t0 = time.time()
+    corpus = knowledge(r, split, st.prompt_history)
     losses, item_losses = [], []
     horizon = st.steps
     bar = tqdm(total=st.steps, desc="LM stage", disable=not show_progress(), unit="step")
@@ -216,7 +278,7 @@ def lm_stage(r, params, split, st, seconds=0.0, log=None):
         if st.full and st.item_weight and s % st.item_refresh == 0:
             r.refresh_items(st.item_batch_size)
         with autocast(r.device):
-            loss, lm, item = stage_loss(r, split, st, s)
+            loss, lm, item = stage_loss(r, split, st, s, corpus)
         loss.backward()
         all_reduce_grads(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import backbone
+import baselines
 import checkpoint
 import common
 import data
@@ -44,6 +45,10 @@ PRESETS = {
                 pretrain_prompt_weight=0.25, pretrain_line_weight=1.0, item_tokens=True, num_generations=2,
                 lr_schedule="cosine", adam_beta2=0.99, logp_temperature=None, pretrain_id_weight=1.0),
 }
+# synthetic-knowledge (README, *The knowledge world*): cpu in 5 minutes; the item head learnt by RecPO only
+# (the LM stage trains neither arm's readout), at half the LR; the chain held near the stage's facts (KL 1)
+PRESETS["knowledge"] = dict(PRESETS["cpu"], time_budget=5.0, prompt_history=4, pretrain_item_weight=0.0,
+                            embed_lr_mult=1.0, kl_beta=1.0, lr=1e-3, baselines_first=True)
 EVALS_PER_EPOCH = 8    # --preset paper without --max-steps: `epochs` epochs, evaluated 8 times each (RRec)
 LR = {"tiny": 2e-3, "hf": 1e-5}   # --lr default by backbone [paper: 1e-5]
 # what a resumed run may not change: it defines the data, the model or the meaning of a step
@@ -72,7 +77,8 @@ def get_parser():
     F, F0 = common.pos_float, common.nonneg_float
     yes_no = argparse.BooleanOptionalAction
     g = p.add_argument_group("data").add_argument
-    g("--preset", choices=tuple(PRESETS), help="default: paper on CUDA, else cpu (the 10-minute demo)")
+    g("--preset", choices=tuple(PRESETS), help="default: paper on CUDA, else cpu (the 10-minute demo; "
+      "knowledge on synthetic-knowledge)")
     g("--dataset", default="ml-100k", help="ml-100k | synthetic[:UxI] | amazon-2023:<Category> | csv:<dir>")
     g("--data-dir", help="folder with the raw dataset files (data.py's default if unset)")
     g("--history", type=I, default=20, help="history window H of the samples [paper: 20]")
@@ -168,7 +174,8 @@ def resolve_config(argv=None):
                              f"resumed run (saved {saved.get(changed[0])!r}); start a new run instead")
         checkpoint.load_train_state(args.resume, mmap=True)   # refused now (pickle, truncation), not later
         return validate({**saved, **given, "resume": args.resume})
-    preset = args.preset or ("paper" if common.pick_device(args.device).startswith("cuda") else "cpu")
+    cpu = "knowledge" if str(args.dataset).startswith("synthetic-knowledge:") else "cpu"
+    preset = args.preset or ("paper" if common.pick_device(args.device).startswith("cuda") else cpu)
     cfg = {**vars(args), **PRESETS[preset], **given, "preset": preset}
     cfg["lr"] = cfg["lr"] or LR["tiny" if cfg["init_from"] == "tiny" else "hf"]
     # the loss's token log-probs: raw logits (paper: the reference code's) or at the sampling temperature
@@ -437,11 +444,18 @@ def save(name, r, cfg, opt, step, state):
 
 def train(cfg):
     t_start, budget = time.time(), cfg["time_budget"] * 60
+    ds = data.load_for_run(cfg, verbose=common.is_main())
+    if cfg.get("baselines_first") and common.is_main() and not os.path.exists(ev.baselines_path(ds)):
+        print("popularity and SASRec first (baselines.py: their table is not in out/baselines yet)")
+        argv = ["--dataset", cfg["dataset"], "--seed", str(cfg["seed"]), "--history", str(cfg["history"])]
+        threads = torch.get_num_threads()
+        baselines.run(baselines.get_parser().parse_args(argv))   # SASRec runs on one thread
+        torch.set_num_threads(threads)
+        t_start = time.time()   # R2ec's budget starts now: a run is the same whether they ran first or not
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     bars = common.show_progress()
-    ds = data.load_for_run(cfg, verbose=common.is_main())
     if None in (cfg["max_steps"], cfg["eval_every"]):   # --preset paper: the reference's epochs and cadence
         n = math.ceil(cfg["epochs"] * len(ds.train) / cfg["batch_size"])
         cfg["max_steps"] = cfg["max_steps"] or n

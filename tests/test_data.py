@@ -794,3 +794,41 @@ def test_real_ml100k_counts():
     assert (len(ds.train), len(ds.valid), len(ds.test)) == (79245, 9906, 9906)
     assert ds.stats["interactions"] == 100_000 and ds.titles[1] == "Toy Story (1995)"
     assert ds.test.time.min() >= ds.train.time.max() and ds.stats["target_in_history"] == 0
+
+
+def test_knowledge_world_is_seeded_sparse_and_its_corpus_is_the_items_only():
+    """synthetic-knowledge: sizes in the name, a world per seed; the stats count (recomputed here) the valid/test
+    targets that follow the relation and how many of those pairs no train sample shows; the corpus depends on
+    the items only (another user count, same facts) and the control variant is the same world without it."""
+    a = load_dataset("synthetic-knowledge:600x400", verbose=False)
+    assert a.name == "synthetic-knowledge:600x400 seed=0" and a.domain["item"] == "movie"
+    rel = a.relation
+    assert (rel[1:] > 0).all() and (rel[1:] != np.arange(1, a.num_items + 1)).all()
+    seen = set(zip(a.train.hist[:, -1].tolist(), a.train.target.tolist()))
+    last = np.concatenate([a.valid.hist[:, -1], a.test.hist[:, -1]])
+    target = np.concatenate([a.valid.target, a.test.target])
+    hit = rel[last] == target
+    unseen = np.mean([(x, y) not in seen for x, y in zip(last[hit].tolist(), target[hit].tolist())])
+    k = a.stats["knowledge"]["valid+test"]
+    assert k["follow_pct"] == pytest.approx(100 * hit.mean()) and k["unseen_pct"] == pytest.approx(100 * unseen)
+    assert 0.25 < hit.mean() < 0.45 and unseen >= 0.7   # a third follow it; most of those pairs are new
+    train_hit = rel[a.train.hist[:, -1]] == a.train.target
+    assert train_hit.mean() > 0.25   # the habit is there to learn from train, the new pairs are not
+    assert "never consecutive in train" in data.format_stats(a)
+    b = load_dataset("synthetic-knowledge:600x400", verbose=False, seed=1)
+    assert a.titles != b.titles and b.name.endswith("seed=1")
+    c = load_dataset("synthetic-knowledge:300x400", verbose=False)   # other users: the same items, same facts
+    facts = lambda ds: {(it["title"], ds.items[ds.relation[i]]["title"]) for i, it in enumerate(ds.items[1:], 1)}
+    both = {f for f in facts(c) if {*f} <= set(a.titles)}
+    assert len(both) >= 300 and both <= facts(a)
+    d = data.load_for_run({"dataset": "synthetic-knowledge:300x400", "history": 20, "seed": 1}, verbose=False)
+    assert d.name.endswith("seed=1") and len(facts(d) & facts(b)) >= 300 and len(facts(d) & facts(a)) < 30
+    ctrl = load_dataset("synthetic-knowledge:600x400:no-corpus", verbose=False)
+    for s in data.SPLITS:   # the same interactions, no relation in the items
+        np.testing.assert_array_equal(ctrl.split(s).hist, a.split(s).hist)
+        np.testing.assert_array_equal(ctrl.split(s).target, a.split(s).target)
+    assert ctrl.titles == a.titles and not ctrl.relation.any() and "knowledge" not in ctrl.stats
+    for bad in ("synthetic-knowledge:600", "synthetic-knowledge:0x40", "synthetic-knowledge:60x400:corpus",
+                "synthetic-knowledge:60x10"):
+        with pytest.raises(data.DataError, match="expected synthetic-knowledge:<users>x<items>"):
+            load_dataset(bad, verbose=False)

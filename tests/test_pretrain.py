@@ -351,3 +351,62 @@ def test_item_token_sequences_add_their_nll_and_teach_the_next_item():
     with torch.no_grad():
         after = pretrain.lm_loss(r, held).item()
     assert after < before - 1.0, (before, after)
+
+
+def test_knowledge_stage_documents_read_the_corpus_and_never_write_a_target(tmp_path, monkeypatch):
+    """synthetic-knowledge: the corpus is one sentence per item, the same whatever the interactions; the taught
+    chain is the corpus's sentence about the prompt's last item, on exactly the train samples where it does not
+    name the target; prompts hold train interactions only; the loss reads the corpus (its NLL is in it)."""
+    monkeypatch.setenv("R2EC_DATA_ROOT", str(tmp_path / "data"))
+    cfg = T.resolve_config(SMALL + ["--dataset", "synthetic-knowledge:200x120", "--out", str(tmp_path / "o"),
+                                    "--item-tokens", "--prompt-history", "4"])
+    ds = data.load_for_run(cfg, verbose=False)
+    r, _, _ = T.build(cfg, ds, verbose=False)
+    rel, tag = ds.relation, lambda i: f"{common.ITEM_TOKEN.format(i)} {ds.items[i]['title']}"
+    corpus, pool = pretrain.knowledge(r, ds.train, cfg["prompt_history"])
+    assert [r.tok.decode(d) for d in corpus] == [
+        common.KNOWLEDGE_FACT.format(a=tag(a), b=tag(rel[a])) for a in range(1, ds.num_items + 1)]
+    other = data.load_dataset("synthetic-knowledge:90x120", history=cfg["history"], verbose=False)   # same items
+    same = {(ds.items[a]["title"], ds.items[rel[a]]["title"]) for a in range(1, ds.num_items + 1)}
+    assert {(it["title"], other.items[other.relation[i]]["title"]) for i, it in enumerate(other.items[1:], 1)
+            if it["title"] in ds.titles} <= same
+    last, target = ds.train.hist[:, -1], ds.train.target
+    np.testing.assert_array_equal(pool, np.flatnonzero(rel[last] != target))   # the chain never names it
+    assert 0.2 < 1 - len(pool) / len(ds.train) < 0.5   # the relation's train samples: RecPO's to learn from
+    docs, plens = pretrain.lm_documents(r, ds.train, pool, cfg["prompt_history"])
+    held = {(u, i) for s in (ds.valid, ds.test) for u, i in zip(s.user.tolist(), s.target.tolist())}
+    for k, j in enumerate(pool):
+        turn = r.tok.decode(docs[k][plens[k]:])
+        b = rel[last[j]]
+        assert turn == common.KNOWLEDGE_FACT.format(a="Your last movie", b=tag(b)) + common.ANCHOR
+        assert common.ITEM_TOKEN.format(target[j]) not in turn
+        shown = {int(t) for t in ds.train.hist[j, -4:] if t}
+        assert all(common.ITEM_TOKEN.format(i) in r.tok.decode(docs[k][:plens[k]]) for i in shown)
+        assert not {(int(ds.train.user[j]), i) for i in shown} & held
+    st = dataclasses.replace(T.stage_of(cfg), batch_size=4, item_weight=0.0, id_weight=0.0)
+    with torch.no_grad():
+        full = pretrain.stage_loss(r, ds.train, st, 0)[0]
+        plain = pretrain.stage_loss(r, ds.train, dataclasses.replace(st, corpus_batch=0), 0)[0]
+        nll = pretrain.lm_loss(r, [corpus[k] for k in data.train_indices(0, len(corpus), len(corpus), 15485863)])
+    assert float(full - plain) == pytest.approx(float(nll), rel=1e-4)
+
+
+def test_knowledge_preset_is_the_worlds_default_and_prints_sasrec_beside_r2ec(tmp_path, monkeypatch, capsys):
+    """On synthetic-knowledge the CPU default is --preset knowledge; it trains popularity and SASRec on the same
+    world first when their table is missing (R2ec's budget starts after them), so the test table has both rows;
+    the stage reads the corpus and teaches the recall chain."""
+    monkeypatch.chdir(tmp_path)   # baselines.py writes out/baselines/ under the working directory
+    monkeypatch.setenv("R2EC_DATA_ROOT", str(tmp_path / "data"))
+    cfg = T.resolve_config(["--dataset", "synthetic-knowledge:80x40", "--device", "cpu"])
+    assert cfg["preset"] == "knowledge" and cfg["time_budget"] == 5.0 and cfg["pretrain_item_weight"] == 0
+    assert T.resolve_config(["--dataset", "synthetic:80x40", "--device", "cpu"])["preset"] == "cpu"
+    res, cfg = run(tmp_path, "--dataset", "synthetic-knowledge:80x40", "--preset", "knowledge", "--pretrain-steps",
+                   "4", "--max-steps", "2", "--eval-every", "0", "--seed", "1", "--max-new-tokens", "24",
+                   "--tiny-hidden", "32", "--test-samples", "all")
+    out = capsys.readouterr().out
+    assert "popularity and SASRec first" in out and "| SASRec |" in res["table"] and "| popularity |" in res["table"]
+    assert os.path.isfile(tmp_path / "out" / "baselines" / "synthetic-knowledge-80x40-seed-1.json")
+    assert "dataset synthetic-knowledge:80x40 seed=1" in out and "LM stage: 4 steps" in out
+    run(tmp_path, "--dataset", "synthetic-knowledge:80x40", "--preset", "knowledge", "--max-steps", "1",
+        "--eval-every", "0", "--seed", "1", "--test-samples", "none", name="again")
+    assert "SASRec first" not in capsys.readouterr().out   # the table is there: not trained again
