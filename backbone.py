@@ -63,7 +63,7 @@ def _tokenizer_corpus(dataset):
     for item in dataset.items[1:]:
         texts.append(item.get("title") or "")
         texts.append(" ".join((item.get("description") or "").split()[:100]))
-    rel = dataset.relation   # the knowledge corpus's sentences (synthetic-knowledge), if any
+    rel = getattr(dataset, "relation", ())   # the knowledge corpus's sentences (synthetic-knowledge), if any
     texts += [KNOWLEDGE_FACT.format(a=dataset.items[a]["title"], b=dataset.items[b]["title"])
               for a, b in enumerate(rel) if b]
     return [t for t in texts if t]

@@ -756,7 +756,7 @@ def _resolve(name, data_dir, kw, verbose):
     made. A format with parameters is keyed by its prefix + them (synthetic:60x40 keeps its pre-name key)."""
     prefix = max((p for p in FORMATS if name.startswith(p) and (name != p or p[-1] != ":")), key=len,
                  default=None)
-    if prefix is None:
+    if prefix is None or name in FORMATS and name[-1] == ":":   # a bare "csv:" or "synthetic-knowledge:"
         *rest, last = [c for c, _, _ in FORMATS.values()]
         raise DataError(f"unknown dataset '{name}' (choose {', '.join(rest)}, or {last})")
     _, files_of, parse = FORMATS[prefix]

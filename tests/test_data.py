@@ -618,12 +618,13 @@ def test_load_for_run_reads_the_name_and_maps_old_configs(cache_root):
 
 
 def test_formats_table():
-    assert set(data.FORMATS) == {"synthetic", "ml-", "amazon-2023:", "csv:"}
+    assert set(data.FORMATS) == {"synthetic", "synthetic-knowledge:", "ml-", "amazon-2023:", "csv:"}
     for prefix, (choices, files, parse) in data.FORMATS.items():
         assert isinstance(choices, str) and callable(files) and callable(parse)
-    for name in ("csv:", "amazon-2023:", "nope", "SYNTHETIC", "ml"):
-        with pytest.raises(DataError, match=re.escape(f"unknown dataset '{name}' (choose synthetic, ml-100k, ml-1m, "
-                                                      f"amazon-2023:<Category>, or csv:<dir>)")):
+    for name in ("csv:", "amazon-2023:", "synthetic-knowledge:", "nope", "SYNTHETIC", "ml"):
+        with pytest.raises(DataError, match=re.escape(
+                f"unknown dataset '{name}' (choose synthetic, synthetic-knowledge:<users>x<items>, ml-100k, ml-1m, "
+                f"amazon-2023:<Category>, or csv:<dir>)")):
             load_dataset(name, verbose=False)
 
 
