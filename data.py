@@ -123,8 +123,7 @@ class Dataset:
     def relation(self):
         """[N + 1] the item each item is followed by, as its metadata states it (`followed_by`, a raw id: the
         knowledge corpus of synthetic-knowledge), 0: none or not in the catalog. All 0: the data has none."""
-        ids = {it["raw_id"]: i for i, it in enumerate(self.items[1:], 1)}
-        return np.array([0] + [ids.get(it.get("followed_by"), 0) for it in self.items[1:]], np.int64)
+        return _relation(self.items)
 
     def train_counts(self):
         return np.bincount(self.train.target, minlength=self.num_items + 1).astype(np.int64)
@@ -734,11 +733,15 @@ def _build(raw, H, split):
         stats["knowledge"] = _knowledge_stats(items, splits)
     return len(user_ids), items, splits, stats
 
+def _relation(items):
+    """Dataset.relation of an item list: each item's `followed_by` raw id as an item id, 0 when absent."""
+    ids = {it["raw_id"]: i for i, it in enumerate(items[1:], 1)}
+    return np.array([0] + [ids.get(it.get("followed_by"), 0) for it in items[1:]], np.int64)
+
 def _knowledge_stats(items, splits):
     """How much of the corpus's relation the interactions show: the valid/test targets that follow it from
     their last history item, and the share of those (last item, target) pairs no train sample shows."""
-    ids = {it["raw_id"]: i for i, it in enumerate(items[1:], 1)}
-    rel = np.array([0] + [ids.get(it.get("followed_by"), 0) for it in items[1:]], np.int64)
+    rel = _relation(items)
     tr = splits["train"]
     seen = set(zip(tr.hist[:, -1].tolist(), tr.target.tolist()))   # left-padded: the newest is the last
     out = {"facts": int((rel > 0).sum())}
